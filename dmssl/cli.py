@@ -1,0 +1,45 @@
+"""Command line: `python train.py recipe=NAME [key=value ...]` (also under `accelerate launch`).
+
+User mistakes (dmssl.errors.UserError) print one line and exit with code 2 (3 for a diverged loss);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+from dmssl.errors import UserError
+
+USAGE = """usage: python train.py recipe=NAME [section.key=value ...]
+       accelerate launch train.py recipe=NAME [section.key=value ...]
+
+  recipe=NAME        a recipe in recipes/ ({recipes}) or a path to a YAML file
+  section.key=value  override any config key, e.g. trainer.max_steps=500 distance.name=wasserstein
+  output_dir=DIR     where the run is written (default runs/<recipe>-<time>)
+  resume=auto        continue the newest checkpoint in output_dir
+Every key: docs/config-reference.md"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help", "help") for a in args):
+        from dmssl.config import recipe_names
+
+        print(USAGE.format(recipes=", ".join(recipe_names())))
+        return 0
+    try:
+        from dmssl.config import resolve
+        from dmssl.trainer import fit
+
+        cfg = resolve(args)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            fit(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,34 @@
+"""Distributed helpers that also work in a single process (no process group: rank 0 of 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as torch_dist
+
+
+def world_size() -> int:
+    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` from every process along dim 0, keeping autograd.
+
+    `accelerator.gather` carries no gradient, so a distance over the global batch needs this one. Its
+    backward sums each process's gradient for the local rows; DDP then averages over processes, so a
+    loss computed on W processes x batch B gives the same update as one process with batch W * B.
+    Rows may differ in number between processes.
+    """
+    if world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    torch_dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
+    parts = all_gather(padded)
+    return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])

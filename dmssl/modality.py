@@ -1,0 +1,112 @@
+"""The modality adapter contract: everything dmssl needs to know about one kind of data.
+
+An adapter supplies raw data, per-sample views, a collate function and an encoder. Everything else
+(labeled/unlabeled split, step assembly, pseudo-labels, losses, distances, devices, checkpoints,
+logging) belongs to the core, which never branches on the modality.
+
+A new modality is one file:
+
+    @dataclass
+    class SensorOptions:            # keys under `modality:` in a recipe
+        window: int = 128
+
+    class SensorModality(Modality):
+        Options = SensorOptions
+        defaults = {"distance": {"kernel": "gaussian"}}   # recipe defaults this data wants
+        def load(self): ...             -> RawData
+        def weak(self, sample): ...     -> a lightly augmented copy
+        def strong(self, sample): ...   -> a heavily augmented copy
+        def collate(self, views): ...   -> Tensor or dict of Tensors, batch first
+        def build_encoder(self): ...    -> nn.Module with `feature_dim`, (batch) -> (B, feature_dim)
+
+and runs with `python train.py recipe=my.yaml modality.name=my_package.sensor:SensorModality`.
+`dmssl.testing.check_adapter` tells an author what their adapter gets wrong.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from dmssl.config import DataConfig, ModelConfig
+
+Batch = torch.Tensor | dict[str, torch.Tensor]
+
+
+@dataclass
+class RawData:
+    """Raw samples as the adapter loaded them, before any split or view.
+
+    Attributes:
+        train: training samples (any Python objects the views understand).
+        train_labels: class index per training sample, or -1 where the label is unknown.
+        test: test samples.
+        test_labels: class index per test sample (all known).
+        class_names: one name per class; `len(class_names)` is the number of classes.
+        unlabeled: extra samples with no label at all (e.g. IMDB's 50k `unsup` reviews).
+    """
+
+    train: Sequence[Any]
+    train_labels: list[int]
+    test: Sequence[Any]
+    test_labels: list[int]
+    class_names: list[str]
+    unlabeled: Sequence[Any] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class Modality(ABC):
+    """Base class of modality adapters.
+
+    Views (`weak`, `strong`, `test_view`) run in DataLoader workers, one sample at a time, and must
+    draw their randomness from torch's global RNG (or Python's `random`): the core seeds both before
+    building each training step, which makes views reproducible and runs resumable. A view must keep
+    the label of its sample. `collate` receives every view of a training step at once (labeled and
+    unlabeled together), so that variable-length data is padded to one length and the encoder runs
+    one forward pass, with BatchNorm statistics over the whole step.
+
+    Class attributes:
+        Options: a dataclass of this adapter's recipe keys (the `modality:` section), or None.
+        defaults: recipe values this modality recommends, e.g. its MMD kernel
+            (`{"distance": {"kernel": "imq"}}`); a recipe or an override still wins.
+    """
+
+    Options: ClassVar[type | None] = None
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, options: Any, data: DataConfig, model: ModelConfig) -> None:
+        self.options = options
+        self.data = data
+        self.model = model
+
+    @abstractmethod
+    def load(self) -> RawData:
+        """Read the data named by `self.data` (raise `DataError` with what to do when it is missing)."""
+
+    @abstractmethod
+    def weak(self, sample: Any) -> Any:
+        """A lightly augmented view of one sample (FixMatch's flip-and-crop for images)."""
+
+    @abstractmethod
+    def strong(self, sample: Any) -> Any:
+        """A heavily augmented view of one sample (RandAugment-like)."""
+
+    def test_view(self, sample: Any) -> Any:
+        """The view used for evaluation; no randomness."""
+        return sample
+
+    @abstractmethod
+    def collate(self, views: list[Any]) -> Batch:
+        """Stack views into one batch: a tensor or a dict of tensors, batch dimension first."""
+
+    @abstractmethod
+    def build_encoder(self) -> nn.Module:
+        """The encoder: `forward(batch) -> (B, feature_dim)`; it exposes `feature_dim: int`."""

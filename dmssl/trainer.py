@@ -1,0 +1,414 @@
+"""The training loop: `fit(cfg) -> summary`, readable top to bottom.
+
+Accelerate owns devices, processes and mixed precision (`prepare`, `backward`, `autocast`,
+`gather_for_metrics`); this file owns the order of things. One step:
+
+    batch  = steps[s]                       # built ahead of time by DataLoader workers
+    z      = model(batch.inputs)            # one forward pass over every view of the step
+    loss   = objective(split(z), s)         # supervised / fixmatch / sscl / dmssl
+    backward, clip, optimizer step, EMA update
+    log / evaluate / checkpoint when due; stop at max_steps or max_minutes
+
+A run folder holds config.yaml, metrics.jsonl (one line per evaluation), checkpoints/ and, at the
+end, summary.json. `resume=auto` continues from the newest readable checkpoint and, on CPU,
+reproduces the uninterrupted run exactly: every random choice is seeded by the step.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from torch import nn
+from torch.utils.data import DataLoader
+
+from dmssl.checkpoint import checkpoint_path, load_checkpoint, load_latest_valid, prune_checkpoints, save_checkpoint
+from dmssl.config import Config, TrainerConfig, config_to_dict
+from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_labeled
+from dmssl.distances import build_distance
+from dmssl.errors import CheckpointError, TrainingDiverged
+from dmssl.model import SSLModel
+from dmssl.objective import StepEmbeddings, build_objective
+from dmssl.registry import load_modality
+
+# Keys that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_every", "trainer.log_every",
+                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress_bar",
+                     "trainer.log_with", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
+                     "output_dir", "resume", "overwrite"}
+
+
+class EMA:
+    """Exponential moving average of a model's weights (buffers are copied), used for evaluation.
+
+    The decay is min(decay, (1 + t) / (10 + t)) at update t, so that a short run's average is not
+    dominated by the random initialisation.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for shadow, live in zip(self.module.parameters(), model.parameters(), strict=True):
+            shadow.lerp_(live.detach(), 1.0 - decay)
+        for shadow, live in zip(self.module.buffers(), model.buffers(), strict=True):
+            shadow.copy_(live)
+        self.updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])
+
+
+def learning_rate(step: int, cfg: TrainerConfig) -> float:
+    """Linear warm-up, then FixMatch's cosine decay lr * cos(pi * cycles * progress)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * math.cos(math.pi * cfg.cosine_cycles * min(1.0, progress))
+
+
+def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW; biases, norm parameters and prototypes get no weight decay (as in FixMatch)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim <= 1 or "prototype" in name else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """The settings that make a run this run (what may not change on resume)."""
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+
+
+def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
+    """Create or check the run folder; refuse to mix two different runs in one folder."""
+    run_dir = Path(cfg.output_dir or f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file() and not cfg.overwrite:
+        if cfg.resume == "never":
+            raise CheckpointError(
+                f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto to continue it, "
+                "overwrite=true to replace it, or another output_dir"
+            )
+        try:
+            previous = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+        except yaml.YAMLError as err:
+            raise CheckpointError(f"{config_file} is not valid YAML ({err}); pass overwrite=true to start afresh") from None
+        current = run_identity(cfg)
+        changed = sorted(k for k in current if k in previous and previous[k] != current[k])
+        if changed:
+            shown = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:5])
+            raise CheckpointError(
+                f"output_dir={str(run_dir)!r} holds a different run ({shown}); resume it with the same settings,"
+                " or pass overwrite=true / another output_dir"
+            )
+    if is_main:
+        if cfg.overwrite and run_dir.exists():
+            for name in ("checkpoints", "metrics.jsonl", "summary.json", "plots"):
+                target = run_dir / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+    return run_dir
+
+
+def choose_precision(requested: str) -> str | None:
+    if requested != "auto":
+        return requested
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # `accelerate launch --mixed_precision ...` decides
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
+    """Top-1 accuracy of nearest-prototype predictions over the whole test set (gathered, no duplicates)."""
+    model.eval()
+    correct = total = 0
+    for batch in loader:
+        with accelerator.autocast():
+            predictions = model.predict(batch["inputs"])
+        predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
+        correct += int((predictions == labels).sum())
+        total += labels.numel()
+    return correct / max(total, 1)
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag, so the loop can save a checkpoint before it exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signal = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def fit(cfg: Config) -> dict[str, Any]:
+    """Train as `cfg` says; return the summary also written to `summary.json`."""
+    started = time.monotonic()
+    accelerator = Accelerator(mixed_precision=choose_precision(cfg.trainer.mixed_precision),
+                              log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with)
+    torch.manual_seed(cfg.seed)
+    run_dir = prepare_run_dir(cfg, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+
+    # ==== data: the adapter loads, the core splits ====
+    adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
+    raw = adapter.load()
+    check_raw_data(raw)
+    num_classes = raw.num_classes
+    labeled_idx = split_labeled(raw.train_labels, num_classes, cfg.data.num_labels, cfg.data.labels_per_class, cfg.seed)
+    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train))]
+    pool += [(sample, -1) for sample in raw.unlabeled]
+    pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
+    test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
+
+    # ==== model, objective, optimiser ====
+    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
+    distance = build_distance(cfg.distance.name, **cfg.distance.options()) if cfg.objective.name == "dmssl" else None
+    objective = build_objective(cfg.objective, num_classes, distance, cfg.seed)
+    optimizer = build_optimizer(model, cfg.trainer)
+    ema = EMA(model, cfg.trainer.ema_decay)
+    step, elapsed_before = 0, 0.0
+
+    checkpoints = run_dir / "checkpoints"
+    resumed_from = None
+    if cfg.resume != "never":
+        found = load_latest_valid(checkpoints) if cfg.resume == "auto" else (Path(cfg.resume), load_checkpoint(Path(cfg.resume)))
+        if found is not None:
+            resumed_from, state = found
+            model.load_state_dict(state["model"])
+            ema.load_state_dict(state["ema"])
+            optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["rng"])
+            step, elapsed_before = int(state["step"]), float(state["elapsed_seconds"])
+            if state["labeled_indices"] != labeled_idx:
+                raise CheckpointError(f"{resumed_from}: its labeled split differs from this config's")
+            accelerator.print(f"resumed from {resumed_from} at step {step}")
+    ema.module.to(accelerator.device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    metrics_file = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        keep_metric_lines_up_to(metrics_file, step)
+
+    steps_data = StepDataset(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
+                             [s for s, _ in pool], [y for _, y in pool], cfg.data.batch_size, cfg.data.mu,
+                             objective.unlabeled_views, cfg.trainer.max_steps, cfg.seed,
+                             accelerator.process_index, accelerator.num_processes)
+    workers = cfg.data.num_workers
+    train_loader = DataLoader(steps_data, batch_size=None, sampler=range(step, cfg.trainer.max_steps),
+                              num_workers=workers, prefetch_factor=4 if workers else None,
+                              generator=torch.Generator().manual_seed(cfg.seed),
+                              pin_memory=torch.cuda.is_available())
+    eval_loader = accelerator.prepare(DataLoader(
+        EvalDataset(adapter, [raw.test[i] for i in test_idx], [raw.test_labels[i] for i in test_idx]),
+        batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter), num_workers=min(workers, 2),
+        generator=torch.Generator().manual_seed(cfg.seed)))
+    if cfg.trainer.log_with != "none":
+        accelerator.init_trackers(run_dir.name, config=flatten(config_to_dict(cfg)))
+
+    # ==== the loop ====
+    budget_seconds = cfg.trainer.max_minutes * 60 if cfg.trainer.max_minutes else math.inf
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    last_accuracy = float("nan")
+    last_train_logs: dict[str, float] = {}
+    progress = make_progress_bar(accelerator, cfg, step)
+    stop_reason = "max_steps"
+    loop_started = time.monotonic()
+    with StopRequest() as stop:
+        for batch in train_loader:
+            lr = learning_rate(step, cfg.trainer)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            model.train()
+            batch = send_to_device(batch, accelerator.device)
+            embeddings = model(batch["inputs"])
+            out = objective(split_step(embeddings, batch, objective.unlabeled_views, unwrap(model, accelerator)), step)
+            if not torch.isfinite(out.loss):
+                terms = {k: round(float(v), 6) for k, v in out.logs.items()}
+                raise TrainingDiverged(
+                    f"loss is {float(out.loss)} at step {step} (terms: {terms}); the last good checkpoint in "
+                    f"{checkpoints} is kept; lower trainer.lr or check the data"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            if cfg.trainer.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+            optimizer.step()
+            ema.update(unwrap(model, accelerator))
+            step += 1
+            for key, value in out.logs.items():  # NaN = undefined this step (e.g. no confident sample)
+                value = float(value)
+                counts.setdefault(key, 0)
+                if not math.isnan(value):
+                    sums[key] = sums.get(key, 0.0) + value
+                    counts[key] += 1
+
+            elapsed = elapsed_before + time.monotonic() - loop_started
+            out_of_time = elapsed >= budget_seconds
+            finished = step >= cfg.trainer.max_steps or out_of_time or stop.signal is not None
+            if step % cfg.trainer.log_every == 0 or finished:
+                averages = {k: sums[k] / n if n else None for k, n in counts.items()}
+                sums, counts = {}, {}
+                if cfg.trainer.log_with != "none":
+                    accelerator.log({f"train/{k}": v for k, v in averages.items() if v is not None} | {"train/lr": lr},
+                                    step=step)
+                progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}", acc=f"{last_accuracy:.3f}",
+                                     mask=f"{averages.get('mask_rate') or 0.0:.2f}")
+                last_train_logs = averages
+            if step % cfg.trainer.eval_every == 0 or finished:
+                last_accuracy = evaluate(ema.module, eval_loader, accelerator)
+                record = {"step": step, "test_accuracy": last_accuracy, "lr": lr,
+                          "elapsed_seconds": round(elapsed, 2), **last_train_logs}
+                if accelerator.is_main_process:
+                    with metrics_file.open("a", encoding="utf-8") as handle:
+                        handle.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+                if cfg.trainer.log_with != "none":
+                    accelerator.log({"eval/test_accuracy": last_accuracy}, step=step)
+            if step % cfg.trainer.checkpoint_every == 0 or finished:
+                save_training_state(accelerator, checkpoints, step, model, ema, optimizer, labeled_idx, elapsed, cfg)
+            progress.update(1)
+            if finished:
+                stop_reason = ("signal" if stop.signal is not None else "max_minutes" if out_of_time else "max_steps")
+                break
+    progress.close()
+
+    if stop_reason == "signal":
+        accelerator.print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with resume=auto")
+        accelerator.end_training()
+        raise KeyboardInterrupt
+    summary = {
+        "test_accuracy": last_accuracy if step > 0 else evaluate(ema.module, eval_loader, accelerator),
+        "steps": step,
+        "wall_seconds": round(time.monotonic() - started + elapsed_before, 2),
+        "train_seconds": round(elapsed_before + time.monotonic() - loop_started, 2),
+        "stop_reason": stop_reason,
+        "objective": cfg.objective.name,
+        "distance": cfg.distance.name if cfg.objective.name == "dmssl" else None,
+        "recipe": cfg.recipe,
+        "modality": cfg.modality.name,
+        "encoder": cfg.model.encoder,
+        "num_labeled": len(labeled_idx),
+        "num_unlabeled": len(pool),
+        "num_test": len(test_idx),
+        "seed": cfg.seed,
+        "num_processes": accelerator.num_processes,
+        "device": str(accelerator.device),
+        "mixed_precision": accelerator.mixed_precision,
+        "resumed_from": str(resumed_from) if resumed_from else None,
+    }
+    if accelerator.is_main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    accelerator.end_training()
+    accelerator.print(f"test_accuracy={summary['test_accuracy']:.4f} steps={step} "
+                      f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
+    return summary
+
+
+def unwrap(model: nn.Module, accelerator: Accelerator) -> SSLModel:
+    return accelerator.unwrap_model(model)
+
+
+def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], model: SSLModel) -> StepEmbeddings:
+    """Cut the step's embeddings into labeled and per-view unlabeled parts (the order StepDataset built)."""
+    b = batch["labels"].shape[0]
+    u = int(batch["num_unlabeled"])
+    parts = list(z[b:].split(u)) if views else []
+    weak = parts[views.index("weak")] if "weak" in views else None
+    strong = [part for part, view in zip(parts, views, strict=True) if view == "strong"]
+    return StepEmbeddings(labeled=z[:b], labels=batch["labels"], prototypes=model.prototypes, weak=weak,
+                          strong=strong, unlabeled_targets=batch["unlabeled_targets"] if views else None)
+
+
+def save_training_state(accelerator: Accelerator, folder: Path, step: int, model: nn.Module, ema: EMA,
+                        optimizer: torch.optim.Optimizer, labeled_idx: list[int], elapsed: float, cfg: Config) -> None:
+    if not accelerator.is_main_process:
+        return
+    state = {
+        "step": step,
+        "model": unwrap(model, accelerator).state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "rng": torch.get_rng_state(),
+        "elapsed_seconds": elapsed,
+        "labeled_indices": labeled_idx,
+        "config": json.dumps(config_to_dict(cfg), default=str),
+    }
+    save_checkpoint(state, checkpoint_path(folder, step))
+    prune_checkpoints(folder, cfg.trainer.keep_checkpoints)
+
+
+def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:
+    """On resume, drop evaluations a killed run logged after its last checkpoint (they will be redone)."""
+    if not metrics_file.is_file():
+        return
+    kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class _NoBar:
+    def set_postfix(self, **kwargs: Any) -> None: ...
+    def update(self, n: int) -> None: ...
+    def close(self) -> None: ...
+
+
+def make_progress_bar(accelerator: Accelerator, cfg: Config, start: int) -> Any:
+    if not (cfg.trainer.progress_bar and accelerator.is_main_process):
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.trainer.max_steps, initial=start, dynamic_ncols=True, desc=cfg.objective.name)
+

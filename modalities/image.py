@@ -1,0 +1,373 @@
+"""Image modality: CIFAR-10/100, image-folder trees (folder or .tar.gz), scikit-learn's digits.
+
+Samples are uint8 tensors (C, H, W); the encoder converts to float on the training device, so
+workers move bytes, not floats. Views follow FixMatch: weak = horizontal flip + reflect-pad-and-crop;
+strong = weak + RandAugment + Cutout (torchvision's RandAugment; Cutout is a grey square).
+
+Data sources (`data.dataset`):
+    cifar10, cifar100   torchvision's datasets (downloaded to data.cache_dir where the internet is
+                        reachable), or `data.root` = an image-folder tree / .tar.gz of one
+    folder              `data.root` = a folder or .tar.gz holding train/<class>/*.{png,jpg} and
+                        test/<class>/*
+    digits              scikit-learn's 8x8 handwritten digits (1,797 images, bundled with the package):
+                        a seeded 500-image test split, the rest for training
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+
+from dmssl.errors import ConfigError, DataError
+from dmssl.modality import Modality, RawData
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass
+class ImageOptions:
+    """`modality:` keys of the image adapter."""
+
+    image_size: int | None = None  # resize every image to this square size; None keeps the native size
+    hflip: bool = True  # horizontal flips in the views (off for digits and text-like images)
+    pad_fraction: float = 0.125  # reflect padding before the random crop, as a fraction of the size
+    randaugment_ops: int = 2
+    randaugment_magnitude: int = 9  # torchvision's scale, 0-30
+    cutout_fraction: float = 0.5  # side of the Cutout square as a fraction of the image size
+
+    def validate(self) -> None:
+        if self.image_size is not None and self.image_size < 4:
+            raise ConfigError(f"modality.image_size={self.image_size} must be >= 4")
+        if not 0 <= self.pad_fraction <= 0.5:
+            raise ConfigError(f"modality.pad_fraction={self.pad_fraction} must be in [0, 0.5]")
+        if not 0 <= self.cutout_fraction <= 1:
+            raise ConfigError(f"modality.cutout_fraction={self.cutout_fraction} must be in [0, 1]")
+        if self.randaugment_ops < 0 or not 0 <= self.randaugment_magnitude <= 30:
+            raise ConfigError("modality.randaugment_ops must be >= 0 and randaugment_magnitude in [0, 30]")
+
+
+class ImageModality(Modality):
+    """Images as uint8 (C, H, W) tensors; encoders small_cnn, wrn28_2, resnet18."""
+
+    Options = ImageOptions
+    # Unit-norm 128-d embeddings: a multi-bandwidth Gaussian around the median distance.
+    defaults = {"distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
+
+    def __init__(self, options: ImageOptions | None, data: Any, model: Any) -> None:
+        super().__init__(options or ImageOptions(), data, model)
+        self.in_channels = 3
+        self._build_views(size=None)
+
+    # ---------------------------------------------------------------- data
+
+    def load(self) -> RawData:
+        source = self.data.dataset
+        if source == "digits":
+            raw = load_digits(seed=0)
+        elif source in ("cifar10", "cifar100", "folder"):
+            if self.data.root:
+                raw = load_image_folder(Path(self.data.root), self.options.image_size, self.data.cache_dir)
+            elif source == "folder":
+                raise DataError("data.dataset=folder needs data.root: a folder or .tar.gz with train/<class>/* and test/<class>/*")
+            else:
+                raw = load_torchvision_cifar(source, self.data.cache_dir)
+        else:
+            raise ConfigError(f"data.dataset={source!r} is not an image source; allowed: cifar10, cifar100, folder, digits")
+        first = raw.train[0]
+        self.in_channels = int(first.shape[0])
+        self._build_views(size=int(first.shape[-1]))
+        return raw
+
+    # ---------------------------------------------------------------- views
+
+    def _build_views(self, size: int | None) -> None:
+        self.size = size
+        opts = self.options
+        weak: list[Any] = [v2.RandomHorizontalFlip()] if opts.hflip else []
+        if size is not None and opts.pad_fraction > 0:
+            weak.append(v2.RandomCrop(size, padding=max(1, round(size * opts.pad_fraction)), padding_mode="reflect"))
+        self._weak = v2.Compose(weak) if weak else nn.Identity()
+        strong = [v2.RandAugment(num_ops=opts.randaugment_ops, magnitude=opts.randaugment_magnitude)] if opts.randaugment_ops else []
+        self._strong = v2.Compose(strong) if strong else nn.Identity()
+
+    def weak(self, sample: torch.Tensor) -> torch.Tensor:
+        """Flip (if modality.hflip) and reflect-pad-and-crop."""
+        self._ensure_size(sample)
+        return self._weak(sample)
+
+    def strong(self, sample: torch.Tensor) -> torch.Tensor:
+        """The weak view, then RandAugment, then Cutout."""
+        image = self._strong(self.weak(sample))
+        return cutout(image, self.options.cutout_fraction)
+
+    def _ensure_size(self, sample: torch.Tensor) -> None:
+        if self.size != sample.shape[-1]:  # views used before load(), e.g. by a conformance check
+            self._build_views(size=int(sample.shape[-1]))
+
+    def collate(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(views)
+
+    # ---------------------------------------------------------------- encoder
+
+    def build_encoder(self) -> nn.Module:
+        name = self.model.encoder
+        factories = {"small_cnn": SmallCNN, "wrn28_2": WideResNet, "resnet18": ResNet18}
+        if name not in factories:
+            raise ConfigError(f"model.encoder={name!r} is not an image encoder; allowed: {', '.join(factories)}")
+        kwargs = {"in_channels": self.in_channels}
+        if self.model.width is not None:
+            kwargs["width"] = self.model.width
+        return factories[name](**kwargs)
+
+
+def cutout(image: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Grey out one random square of side `fraction * size`, centred anywhere (DeVries & Taylor, 2017)."""
+    if fraction <= 0:
+        return image
+    _, h, w = image.shape
+    side = max(1, int(round(fraction * min(h, w))))
+    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+    y0, y1 = max(0, cy - side // 2), min(h, cy + side - side // 2)
+    x0, x1 = max(0, cx - side // 2), min(w, cx + side - side // 2)
+    image = image.clone()
+    image[:, y0:y1, x0:x1] = 127
+    return image
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def load_digits(seed: int = 0, test_size: int = 500) -> RawData:
+    """scikit-learn's digits (8x8, values 0-16) as 1-channel uint8 images; a seeded test split."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    images = torch.from_numpy((digits.images * (255.0 / 16.0)).round().astype(np.uint8)).unsqueeze(1)
+    labels = [int(y) for y in digits.target]
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed)).tolist()
+    test, train = sorted(order[:test_size]), sorted(order[test_size:])
+    return RawData(train=images[train], train_labels=[labels[i] for i in train], test=images[test],
+                   test_labels=[labels[i] for i in test], class_names=[str(d) for d in range(10)])
+
+
+def load_torchvision_cifar(name: str, cache_dir: str | None) -> RawData:
+    """CIFAR through torchvision, downloading into the cache folder when the internet is reachable."""
+    from torchvision import datasets
+
+    root = Path(cache_dir or Path.home() / ".cache" / "dmssl") / "torchvision"
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        train, test = cls(str(root), train=True, download=True), cls(str(root), train=False, download=True)
+    except Exception as err:  # URLError, OSError, RuntimeError: all mean "not here and not reachable"
+        raise DataError(
+            f"{name} is not in {root} and could not be downloaded ({type(err).__name__}). Offline, set data.root to a "
+            f"folder or .tar.gz with train/<class>/*.png and test/<class>/*.png (e.g. data.root=../shared/data/cifar10/"
+            f"cifar10-jpg.tar.gz), or put torchvision's {name} files in {root}"
+        ) from None
+
+    def as_tensor(split: Any) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(split.data.transpose(0, 3, 1, 2)))
+
+    return RawData(train=as_tensor(train), train_labels=list(map(int, train.targets)), test=as_tensor(test),
+                   test_labels=list(map(int, test.targets)), class_names=list(train.classes))
+
+
+def _decode(data: bytes, size: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert("RGB")
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.BILINEAR)
+        return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def _iter_files(root: Path) -> Any:
+    """(relative path parts, bytes) for every image file of a folder or a .tar.gz, sorted by path."""
+    if root.is_dir():
+        for path in sorted(root.rglob("*")):
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                yield path.relative_to(root).parts, path.read_bytes()
+    elif tarfile.is_tarfile(root):
+        with tarfile.open(root) as archive:
+            members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
+            for member in members:
+                if Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
+                    handle = archive.extractfile(member)
+                    if handle is not None:
+                        yield Path(member.name).parts, handle.read()
+    else:
+        raise DataError(f"data.root={str(root)!r} is neither a folder nor a readable .tar.gz archive")
+
+
+def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> RawData:
+    """An image-folder tree train/<class>/* and test/<class>/* (at any depth inside `root`).
+
+    Decoded arrays are cached (keyed by path, size and modification time), so the second run skips
+    decoding. Unreadable files are skipped with a warning that counts them.
+    """
+    if not root.exists():
+        raise DataError(f"data.root={str(root)!r} does not exist; expected a folder or .tar.gz with train/<class>/* and test/<class>/*")
+    stat = root.stat()
+    key = hashlib.sha1(f"{root.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
+    cache = Path(cache_dir or Path.home() / ".cache" / "dmssl") / f"images-{key}.npz"
+    if cache.is_file():
+        with np.load(cache) as stored:
+            return _raw_from_arrays(stored)
+
+    splits: dict[str, tuple[list[np.ndarray], list[str]]] = {"train": ([], []), "test": ([], [])}
+    unreadable = 0
+    for parts, data in _iter_files(root):
+        split_at = [i for i, p in enumerate(parts[:-2]) if p in splits]
+        if not split_at:
+            continue
+        split, label = parts[split_at[-1]], parts[split_at[-1] + 1]
+        try:
+            array = _decode(data, size)
+        except Exception:  # PIL raises many types for broken files
+            unreadable += 1
+            continue
+        splits[split][0].append(array)
+        splits[split][1].append(label)
+    if unreadable:
+        warnings.warn(f"skipped {unreadable} unreadable image files under {root}", stacklevel=2)
+    for split, (images, _) in splits.items():
+        if not images:
+            raise DataError(f"no readable images under {root} in {split}/<class>/ (layout: train/<class>/*.png, test/<class>/*.png)")
+    shapes = {a.shape for a in splits["train"][0] + splits["test"][0]}
+    if len(shapes) > 1:
+        raise DataError(f"images under {root} have different sizes {sorted(shapes)[:3]}...; set modality.image_size")
+    classes = sorted(set(splits["train"][1]))
+    unknown = sorted(set(splits["test"][1]) - set(classes))
+    if unknown:
+        raise DataError(f"test classes {unknown} have no training images under {root}")
+    index = {name: i for i, name in enumerate(classes)}
+    arrays = {
+        "train_x": np.stack(splits["train"][0]), "train_y": np.array([index[c] for c in splits["train"][1]]),
+        "test_x": np.stack(splits["test"][0]), "test_y": np.array([index[c] for c in splits["test"][1]]),
+        "classes": np.array(classes),
+    }
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, cache)
+    except OSError as err:
+        warnings.warn(f"could not write the image cache {cache}: {err}", stacklevel=2)
+    return _raw_from_arrays(arrays)
+
+
+def _raw_from_arrays(arrays: Any) -> RawData:
+    return RawData(train=torch.from_numpy(arrays["train_x"]), train_labels=arrays["train_y"].tolist(),
+                   test=torch.from_numpy(arrays["test_x"]), test_labels=arrays["test_y"].tolist(),
+                   class_names=[str(c) for c in arrays["classes"]])
+
+
+# ---------------------------------------------------------------- encoders
+
+
+class ImageEncoder(nn.Module):
+    """Base: uint8 or float (B, C, H, W) in, (B, feature_dim) out; scales bytes to about [-2, 2]."""
+
+    feature_dim: int
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
+        return (images - 0.5) / 0.25
+
+
+class SmallCNN(ImageEncoder):
+    """Four conv-BN-ReLU blocks (width w, 2w, 4w, 4w), max-pooling between them, global average pool.
+
+    About 13 M multiply-adds per 32x32 image at w=32: fast enough to train on 2 CPU cores.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 32) -> None:
+        super().__init__()
+        widths = [width, 2 * width, 4 * width, 4 * width]
+        layers: list[nn.Module] = []
+        previous = in_channels
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(previous, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True)]
+            if i < len(widths) - 1:
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            previous = w
+        self.body = nn.Sequential(*layers)
+        self.feature_dim = widths[-1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(images)).mean(dim=(2, 3))
+
+
+class _WideBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin, momentum=0.001)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout, momentum=0.001)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if cin == cout and stride == 1 else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = F.leaky_relu(self.bn1(x), 0.1)
+        out = self.conv2(F.leaky_relu(self.bn2(self.conv1(pre)), 0.1))
+        return out + (self.shortcut(pre) if self.shortcut is not None else x)
+
+
+class WideResNet(ImageEncoder):
+    """Pre-activation WRN-28-w as used by FixMatch (leaky ReLU 0.1, BN momentum 0.001); WRN-28-2: 128 features."""
+
+    def __init__(self, in_channels: int = 3, width: int = 2, depth: int = 28) -> None:
+        super().__init__()
+        n = (depth - 4) // 6
+        channels = [16, 16 * width, 32 * width, 64 * width]
+        self.stem = nn.Conv2d(in_channels, channels[0], 3, 1, 1, bias=False)
+        blocks = []
+        for stage in range(3):
+            for i in range(n):
+                cin = channels[stage] if i == 0 else channels[stage + 1]
+                stride = 1 if stage == 0 or i > 0 else 2
+                blocks.append(_WideBlock(cin, channels[stage + 1], stride))
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = nn.BatchNorm2d(channels[3], momentum=0.001)
+        self.feature_dim = channels[3]
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(self.prepare(images)))
+        return F.leaky_relu(self.bn(x), 0.1).mean(dim=(2, 3))
+
+
+class ResNet18(ImageEncoder):
+    """torchvision's ResNet-18 with the CIFAR stem (3x3 conv, stride 1, no max-pool); 512 features."""
+
+    def __init__(self, in_channels: int = 3, width: int = 64) -> None:
+        super().__init__()
+        from torchvision.models import resnet18
+
+        if width != 64:
+            raise ConfigError(f"model.width={width}: resnet18 has a fixed width of 64")
+        net = resnet18(weights=None)
+        net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+        net.fc = nn.Identity()
+        self.net = net
+        self.feature_dim = 512
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(images))

@@ -1,0 +1,76 @@
+"""Recipes and overrides: mapping onto dataclasses, coercion by annotation, and errors that name the bad value."""
+
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from dmssl.config import Config, build_config, config_to_dict, recipe_names, resolve
+from dmssl.errors import ConfigError
+from modalities.image import ImageOptions
+from tests.conftest import ROOT
+
+
+def test_resolve__recipe_and_overrides_are_typed():
+    cfg = resolve(["recipe=quickstart", "trainer.max_steps=7", "trainer.lr=1", "distance.name=wasserstein",
+                   "distance.median_scales=0.5,2", "modality.hflip=true", "data.num_labels=none"])
+    assert cfg.trainer.max_steps == 7
+    assert cfg.trainer.lr == 1.0 and isinstance(cfg.trainer.lr, float)
+    assert cfg.distance.name == "wasserstein"
+    assert cfg.distance.median_scales == [0.5, 2.0]
+    assert cfg.modality.options.hflip is True
+    assert cfg.recipe == "quickstart"
+
+
+def test_resolve__adapter_defaults_apply_unless_recipe_sets_them(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("modality: {name: image}\ndata: {dataset: digits}\n")
+    assert resolve([f"recipe={recipe}"]).distance.median_scales == [0.5, 1.0, 2.0]  # ImageModality.defaults
+    assert resolve([f"recipe={recipe}", "distance.median_scales=[3]"]).distance.median_scales == [3.0]
+
+
+def test_config__roundtrip_through_yaml():
+    cfg = resolve(["recipe=quickstart", "objective.lambda_dm=0.25"])
+    tree = yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))
+    assert build_config(tree, ImageOptions) == cfg
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_recipe_parses_and_validates(name):
+    assert isinstance(resolve([f"recipe={name}"]), Config)
+
+
+@pytest.mark.parametrize(("tokens", "message"), [
+    (["recipe=quickstrat"], "unknown recipe 'quickstrat'; did you mean 'quickstart'"),
+    (["recipe=quickstart", "trainer.max_stesp=5"], "unknown key 'trainer.max_stesp'; did you mean 'trainer.max_steps'"),
+    (["recipe=quickstart", "objective.lamda_dm=1"], "did you mean 'objective.lambda_dm'"),
+    (["recipe=quickstart", "trainer.max_steps=ten"], "trainer.max_steps='ten' is not an int"),
+    (["recipe=quickstart", "trainer.lr=fast"], "trainer.lr='fast' is not a float"),
+    (["recipe=quickstart", "modality.hflip=maybe"], "modality.hflip='maybe' is not a bool"),
+    (["recipe=quickstart", "distance.name=wasserstien"], "did you mean 'wasserstein'"),
+    (["recipe=quickstart", "objective.name=mixmatch"], "Allowed: supervised, fixmatch, sscl, dmssl"),
+    (["recipe=quickstart", "objective.pseudo_label_threshold=1.5"], "must be in (0, 1]"),
+    (["recipe=quickstart", "data.mu=0"], "data.mu=0 must be > 0"),
+    (["recipe=quickstart", "trainer.max_steps=-3"], "trainer.max_steps=-3 must be > 0"),
+    (["recipe=quickstart", "data.num_labels=40"], "are both set"),
+    (["recipe=quickstart", "modality.name=nosuch"], "unknown modality 'nosuch'"),
+    (["recipe=quickstart", "modality.name=os:path"], "is not an adapter"),
+    (["recipe=quickstart", "modality.name=no_such_module:X"], "cannot import module 'no_such_module'"),
+    (["recipe=quickstart", "trainer"], "is not of the form key=value"),
+    (["recipe=quickstart", "banana=1"], "unknown key 'banana'"),
+    (["recipe=quickstart", "resume=/no/such/file.pt"], "resume='/no/such/file.pt'"),
+])
+def test_resolve__errors_name_the_bad_value(tokens, message):
+    with pytest.raises(ConfigError) as caught:
+        resolve(tokens)
+    assert message in str(caught.value)
+
+
+def test_cli__user_error_exits_2_with_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "train.py", "recipe=quickstart", "trainer.max_stpes=3"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "did you mean 'trainer.max_steps'" in lines[0]

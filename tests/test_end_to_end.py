@@ -1,0 +1,104 @@
+"""Short real runs on scikit-learn's digits: files written, budgets, resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmssl.checkpoint import list_checkpoints, load_checkpoint
+from dmssl.config import resolve
+from dmssl.trainer import fit
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+FAST = ["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0", "data.batch_size=8", "data.mu=2"]
+
+
+def run(tmp_path: Path, *overrides: str) -> dict:
+    return fit(resolve([*FAST, f"output_dir={tmp_path}", *overrides]))
+
+
+@pytest.mark.parametrize("objective", ["supervised", "fixmatch", "sscl", "dmssl"])
+def test_fit__writes_run_folder(tmp_path, objective):
+    summary = run(tmp_path, f"objective.name={objective}", "trainer.max_steps=12", "trainer.eval_every=5")
+    assert 0.0 <= summary["test_accuracy"] <= 1.0
+    assert summary["steps"] == 12 and summary["objective"] == objective
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["test_accuracy"] == summary["test_accuracy"]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 12]
+    if objective != "supervised":
+        assert "mask_rate" in records[-1] and "pseudo_label_accuracy" in records[-1]
+    if objective == "dmssl":
+        assert "distance" in records[-1]
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_fit__max_minutes_stops_early(tmp_path):
+    summary = run(tmp_path, "trainer.max_steps=100000", "trainer.max_minutes=0.05")
+    assert summary["stop_reason"] == "max_minutes" and 0 < summary["steps"] < 100000
+
+
+def test_fit__refuses_output_dir_of_another_run(tmp_path):
+    run(tmp_path, "trainer.max_steps=2")
+    from dmssl.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="already holds a run"):
+        run(tmp_path, "trainer.max_steps=2")
+    with pytest.raises(CheckpointError, match="holds a different run.*objective.lambda_dm"):
+        run(tmp_path, "trainer.max_steps=2", "objective.lambda_dm=3", "resume=auto")
+    assert run(tmp_path, "trainer.max_steps=2", "overwrite=true")["steps"] == 2
+
+
+def test_fit__dmssl_learns_digits(tmp_path):
+    # A real (short) run must beat chance (10 classes) by a wide margin.
+    summary = run(tmp_path, "trainer.max_steps=150", "data.batch_size=16")
+    assert summary["test_accuracy"] > 0.5
+
+
+def final_weights(folder: Path) -> dict:
+    return load_checkpoint(list_checkpoints(folder / "checkpoints")[-1])
+
+
+def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path):
+    args = [sys.executable, "train.py", *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=4",
+            "trainer.eval_every=8", "trainer.keep_checkpoints=3"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([*args, f"output_dir={straight}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+
+    process = subprocess.Popen([*args, f"output_dir={killed}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(int(p.stem.split("_")[1]) >= 12 for p in list_checkpoints(killed / "checkpoints")):
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    steps_done = max(int(p.stem.split("_")[1]) for p in list_checkpoints(killed / "checkpoints"))
+    assert steps_done < 40, "the run finished before it could be killed; make it longer"
+
+    subprocess.run([*args, f"output_dir={killed}", "resume=auto"], cwd=ROOT, check=True, capture_output=True, timeout=600)
+    a, b = final_weights(straight), final_weights(killed)
+    assert a["step"] == b["step"] == 40
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for key in a["ema"]["module"]:
+        assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
+    assert json.loads((straight / "summary.json").read_text())["test_accuracy"] == \
+        json.loads((killed / "summary.json").read_text())["test_accuracy"]
+    assert (straight / "metrics.jsonl").read_text().count("\n") == (killed / "metrics.jsonl").read_text().count("\n")
+
+
+def test_resume__corrupt_newest_checkpoint_falls_back(tmp_path):
+    run(tmp_path, "trainer.max_steps=8", "trainer.checkpoint_every=4")
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated, as by a full disk
+    with pytest.warns(UserWarning, match="cannot be read"):
+        summary = run(tmp_path, "trainer.max_steps=8", "trainer.checkpoint_every=4", "resume=auto")
+    assert summary["resumed_from"].endswith("step_00000004.pt")
+    assert summary["steps"] == 8

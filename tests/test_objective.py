@@ -1,0 +1,126 @@
+"""The objective's terms on tiny tensors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmssl.config import ObjectiveConfig
+from dmssl.distances import build_distance
+from dmssl.losses import masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
+from dmssl.objective import StepEmbeddings, build_objective
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+def test_weighted_supcon__prototypes_only_equals_prototype_cross_entropy():
+    # One labeled anchor, compared only with the K prototypes: SupCon reduces to CE(z . P / T, y).
+    k, d, t = 5, 8, 0.1
+    prototypes, z, y = unit(k, d), unit(1, d), torch.tensor([3])
+    embeddings = torch.cat([prototypes, z])
+    labels = torch.cat([torch.arange(k), y])
+    weights = torch.cat([torch.zeros(k), torch.ones(1)])
+    loss = weighted_supcon(embeddings, labels, weights, t)
+    expected = F.cross_entropy(prototype_logits(z, prototypes, t), y)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_weighted_supcon__reference_implementation():
+    # A direct loop over anchors and positives, written from the formula.
+    n, d, t = 7, 4, 0.2
+    z, labels, w = unit(n, d), torch.tensor([0, 0, 1, 1, 1, 2, 3]), torch.tensor([1.0, 0.5, 1, 1, 0, 2, 1])
+    total, weight_sum = 0.0, 0.0
+    for i in range(n):
+        positives = [p for p in range(n) if p != i and labels[p] == labels[i]]
+        if not positives or w[i] == 0:
+            continue
+        denominator = sum(torch.exp(z[i] @ z[a] / t) for a in range(n) if a != i)
+        loss_i = -sum(torch.log(torch.exp(z[i] @ z[p] / t) / denominator) for p in positives) / len(positives)
+        total += float(w[i] * loss_i)
+        weight_sum += float(w[i])
+    assert float(weighted_supcon(z, labels, w, t)) == pytest.approx(total / weight_sum, rel=1e-5)
+
+
+def test_weighted_supcon__simclr_pair_only_positive_is_other_view():
+    a, b, c = unit(3, 6)
+    z = torch.stack([a, b, c])
+    loss = weighted_supcon(z, torch.tensor([10, 10, 11]), torch.tensor([1.0, 0.0, 0.0]), 0.5)
+    logits = torch.stack([a @ b, a @ c]) / 0.5
+    assert float(loss) == pytest.approx(float(-torch.log_softmax(logits, 0)[0]), rel=1e-6)
+
+
+def test_pseudo_labels__threshold_and_mask():
+    logits = torch.tensor([[10.0, 0.0], [0.1, 0.0], [0.0, 8.0]])
+    labels, mask, confidence = pseudo_labels(logits, threshold=0.95)
+    assert labels.tolist() == [0, 0, 1]
+    assert mask.tolist() == [True, False, True]
+    assert confidence[1] < 0.95
+
+
+def test_masked_cross_entropy__divides_by_all_rows():
+    logits, targets = torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    mask = torch.tensor([True, False, False, True])
+    per_row = F.cross_entropy(logits, targets, reduction="none")
+    assert float(masked_cross_entropy(logits, targets, mask)) == pytest.approx(float((per_row[0] + per_row[3]) / 4))
+
+
+def embeddings(k=3, b=6, u=8, d=16, confident=False):
+    prototypes = unit(k, d)
+    labels = torch.arange(b) % k
+    labeled = F.normalize(prototypes[labels] + 0.01 * torch.randn(b, d), dim=1)
+    targets = torch.arange(u) % k
+    weak = F.normalize(prototypes[targets] * (10.0 if confident else 0.0) + torch.randn(u, d) * 0.01, dim=1)
+    strong = [unit(u, d), unit(u, d)]
+    return StepEmbeddings(labeled=labeled.requires_grad_(), labels=labels, prototypes=prototypes, weak=weak,
+                          strong=strong, unlabeled_targets=targets)
+
+
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "sscl", "dmssl"])
+def test_objectives__finite_loss_and_logged_terms(name):
+    cfg = ObjectiveConfig(name=name)
+    objective = build_objective(cfg, 3, build_distance("mmd"))
+    out = objective(embeddings(confident=True), step=0)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert "loss" in out.logs
+    if name != "supervised":
+        assert float(out.logs["mask_rate"]) == 1.0
+        assert float(out.logs["pseudo_label_accuracy"]) == 1.0
+    if name == "dmssl":
+        assert float(out.logs["distance"]) == pytest.approx(float(out.logs["loss_dm"]) / cfg.lambda_dm)
+
+
+def test_dmssl__is_sscl_plus_weighted_distance():
+    emb = embeddings()
+    distance = build_distance("mmd")
+    sscl = build_objective(ObjectiveConfig(name="sscl"), 3, None)(emb, 0).loss
+    cfg = ObjectiveConfig(name="dmssl", lambda_dm=2.5)
+    total = build_objective(cfg, 3, distance)(emb, 0).loss
+    assert float(total) == pytest.approx(float(sscl) + 2.5 * float(distance(emb.labeled, emb.weak)), rel=1e-5)
+
+
+def test_dmssl__warmup_ramps_lambda():
+    emb = embeddings()
+    cfg = ObjectiveConfig(name="dmssl", lambda_dm=1.0, dm_warmup_steps=10)
+    objective = build_objective(cfg, 3, build_distance("cosine"))
+    assert float(objective(emb, 0).logs["loss_dm"]) == pytest.approx(0.1 * float(objective(emb, 0).logs["distance"]))
+    assert float(objective(emb, 20).logs["loss_dm"]) == pytest.approx(float(objective(emb, 20).logs["distance"]))
+
+
+def test_dmssl__class_conditional_only_uses_confident_classes():
+    emb = embeddings(confident=True)
+    cfg = ObjectiveConfig(name="dmssl", class_conditional=True)
+    out = build_objective(cfg, 3, build_distance("mmd", estimator="biased"))(emb, 0)
+    groups = []
+    for k in range(3):
+        x, y = emb.labeled[emb.labels == k], emb.weak[emb.unlabeled_targets == k]
+        groups.append(build_distance("mmd", estimator="biased")(x, y))
+    assert float(out.logs["distance"]) == pytest.approx(float(torch.stack(groups).mean()), rel=1e-5)
+
+
+def test_fixmatch__no_confident_samples_means_no_unlabeled_loss():
+    emb = embeddings(confident=False)
+    out = build_objective(ObjectiveConfig(name="fixmatch"), 3, None)(emb, 0)
+    assert float(out.logs["mask_rate"]) == 0.0
+    assert float(out.logs["loss_unlabeled"]) == 0.0
