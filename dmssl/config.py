@@ -158,6 +158,7 @@ class TrainerConfig:
     max_minutes: float | None = None  # stop (and evaluate) when this wall-clock budget is spent
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.03
+    head_lr_scale: float = 1.0  # lr multiplier for the projection head and prototypes (new layers on a pretrained encoder)
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
     weight_decay: float = 5e-4
@@ -180,6 +181,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.max_minutes={self.max_minutes} must be > 0")
         if self.lr <= 0:
             raise ConfigError(f"trainer.lr={self.lr} must be > 0")
+        if self.head_lr_scale <= 0:
+            raise ConfigError(f"trainer.head_lr_scale={self.head_lr_scale} must be > 0")
         if self.weight_decay < 0:
             raise ConfigError(f"trainer.weight_decay={self.weight_decay} must be >= 0")
         if self.warmup_steps < 0:

@@ -90,13 +90,19 @@ def learning_rate(step: int, cfg: TrainerConfig) -> float:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW; biases, norm parameters and prototypes get no weight decay (as in FixMatch)."""
-    decay, no_decay = [], []
+    """SGD or AdamW; biases, norm parameters and prototypes get no weight decay (as in FixMatch).
+
+    Each group carries `lr_scale`: `head_lr_scale` for the projection head and prototypes, 1 for the encoder.
+    """
+    buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or "prototype" in name else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if param.requires_grad:
+            is_head = not name.startswith("encoder.")
+            decays = param.ndim > 1 and "prototype" not in name
+            buckets.setdefault((is_head, decays), []).append(param)
+    groups = [{"params": params, "weight_decay": cfg.weight_decay if decays else 0.0,
+               "lr_scale": cfg.head_lr_scale if is_head else 1.0}
+              for (is_head, decays), params in buckets.items()]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -271,7 +277,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         for batch in train_loader:
             lr = learning_rate(step, cfg.trainer)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group["lr_scale"]
             model.train()
             batch = send_to_device(batch, accelerator.device)
             embeddings = model(batch["inputs"])

