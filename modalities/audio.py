@@ -24,7 +24,6 @@ from __future__ import annotations
 import io
 import random
 import re
-import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
+from dmssl.files import iter_data_files
 from dmssl.modality import Modality, RawData
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -205,22 +205,6 @@ def decode_audio(data: bytes, sample_rate: int) -> torch.Tensor:
     return wave
 
 
-def _iter_audio(root: Path) -> Any:
-    if root.is_dir():
-        for path in sorted(root.rglob("*")):
-            if path.suffix.lower() in AUDIO_SUFFIXES and path.is_file():
-                yield path.relative_to(root).parts, path.read_bytes()
-    elif root.is_file() and tarfile.is_tarfile(root):
-        with tarfile.open(root) as archive:
-            for member in sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name):
-                if Path(member.name).suffix.lower() in AUDIO_SUFFIXES:
-                    handle = archive.extractfile(member)
-                    if handle is not None:
-                        yield Path(member.name).parts, handle.read()
-    else:
-        raise DataError(f"data.root={str(root)!r} is neither a folder nor a readable .tar.gz of audio files")
-
-
 def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None, length: int) -> RawData:
     """Audio files with labels from folders or file names; unreadable or empty files are skipped and counted."""
     if not root.exists():
@@ -229,7 +213,7 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
     test_pattern = re.compile(opts.test_pattern) if opts.test_pattern else None
     items: list[tuple[torch.Tensor, str, str | None]] = []  # (wave, label, split from folders)
     skipped = unlabeled_names = 0
-    for parts, data in _iter_audio(root):
+    for parts, data in iter_data_files(root, AUDIO_SUFFIXES):
         name = parts[-1]
         if pattern is not None:
             match = pattern.search(name)

@@ -15,10 +15,7 @@ Data sources (`data.dataset`):
 
 from __future__ import annotations
 
-import hashlib
 import io
-import os
-import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +28,7 @@ from torch import nn
 from torchvision.transforms import v2
 
 from dmssl.errors import ConfigError, DataError
+from dmssl.files import cache_file, file_identity, iter_data_files, write_npz_atomic
 from dmssl.modality import Modality, RawData
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -194,24 +192,6 @@ def _decode(data: bytes, size: int | None) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
-def _iter_files(root: Path) -> Any:
-    """(relative path parts, bytes) for every image file of a folder or a .tar.gz, sorted by path."""
-    if root.is_dir():
-        for path in sorted(root.rglob("*")):
-            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-                yield path.relative_to(root).parts, path.read_bytes()
-    elif tarfile.is_tarfile(root):
-        with tarfile.open(root) as archive:
-            members = sorted((m for m in archive.getmembers() if m.isfile()), key=lambda m: m.name)
-            for member in members:
-                if Path(member.name).suffix.lower() in IMAGE_SUFFIXES:
-                    handle = archive.extractfile(member)
-                    if handle is not None:
-                        yield Path(member.name).parts, handle.read()
-    else:
-        raise DataError(f"data.root={str(root)!r} is neither a folder nor a readable .tar.gz archive")
-
-
 def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> RawData:
     """An image-folder tree train/<class>/* and test/<class>/* (at any depth inside `root`).
 
@@ -220,16 +200,14 @@ def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> Ra
     """
     if not root.exists():
         raise DataError(f"data.root={str(root)!r} does not exist; expected a folder or .tar.gz with train/<class>/* and test/<class>/*")
-    stat = root.stat()
-    key = hashlib.sha1(f"{root.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{size}".encode()).hexdigest()[:16]
-    cache = Path(cache_dir or Path.home() / ".cache" / "dmssl") / f"images-{key}.npz"
+    cache = cache_file(cache_dir, "images", file_identity(root), size)
     if cache.is_file():
         with np.load(cache) as stored:
             return _raw_from_arrays(stored)
 
     splits: dict[str, tuple[list[np.ndarray], list[str]]] = {"train": ([], []), "test": ([], [])}
     unreadable = 0
-    for parts, data in _iter_files(root):
+    for parts, data in iter_data_files(root, IMAGE_SUFFIXES):
         split_at = [i for i, p in enumerate(parts[:-2]) if p in splits]
         if not split_at:
             continue
@@ -259,13 +237,7 @@ def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> Ra
         "test_x": np.stack(splits["test"][0]), "test_y": np.array([index[c] for c in splits["test"][1]]),
         "classes": np.array(classes),
     }
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, cache)
-    except OSError as err:
-        warnings.warn(f"could not write the image cache {cache}: {err}", stacklevel=2)
+    write_npz_atomic(cache, arrays)
     return _raw_from_arrays(arrays)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import io
 import json
 import os
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
+from dmssl.files import cache_file, file_identity, write_npz_atomic
 from dmssl.modality import Modality, RawData
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -158,12 +158,10 @@ class TextModality(Modality):
         files = self.source_files()
         if not files or not all(f.is_file() for f in files):
             return None
-        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         opts = self.options
-        key = hashlib.sha1(repr((stats, resolve_model_path(self.model.name or DEFAULT_MODEL), opts.max_length,
-                                 opts.text_column, opts.label_column, opts.paraphrase_column,
-                                 opts.class_names)).encode()).hexdigest()[:16]
-        return Path(self.data.cache_dir or Path.home() / ".cache" / "dmssl") / f"text-{key}.npz"
+        return cache_file(self.data.cache_dir, "text", [file_identity(f) for f in files],
+                          resolve_model_path(self.model.name or DEFAULT_MODEL), opts.max_length, opts.text_column,
+                          opts.label_column, opts.paraphrase_column, opts.class_names)
 
     def read_rows(self) -> dict[str, list[dict[str, Any]]]:
         data = self.data
@@ -403,13 +401,7 @@ def write_cache(path: Path, raw: RawData) -> None:
             arrays[f"{split}_{part}"] = np.fromiter((t for q in seqs for t in q), dtype=np.int32)
             arrays[f"{split}_{part}_offsets"] = np.cumsum([0] + [len(q) for q in seqs])
             arrays[f"{split}_{part}_present"] = np.array([getattr(s, part) is not None for s in samples], dtype=bool)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
-    except OSError as err:
-        warnings.warn(f"could not write the token cache {path}: {err}", stacklevel=2)
+    write_npz_atomic(path, arrays)
 
 
 def raw_from_cache(path: Path) -> RawData:
