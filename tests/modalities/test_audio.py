@@ -129,3 +129,9 @@ def test_end_to_end__tiny_audio_run(tmp_path):
                            "model.width=8", "trainer.max_steps=6", "trainer.eval_every=3",
                            "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}"]))
     assert summary["steps"] == 6 and summary["num_test"] == 6 and 0 <= summary["test_accuracy"] <= 1
+
+
+def test_conformance_kit_passes(tmp_path):
+    from dmssl.testing import check_adapter
+
+    assert check_adapter(adapter(make_folder(tmp_path / "clips")), num_samples=8).passed

