@@ -30,14 +30,14 @@ class DataConfig:
     dataset: str = "folder"  # the adapter's source: e.g. cifar10, digits, folder, imdb, files
     root: str | None = None  # a folder or a .tar.gz; the adapter documents its layout
     train_files: list[str] = field(default_factory=list)  # explicit files (text adapters)
-    unlabeled_files: list[str] = field(default_factory=list)
-    test_files: list[str] = field(default_factory=list)
+    unlabeled_files: list[str] = field(default_factory=list)  # files of unlabeled samples (optional)
+    test_files: list[str] = field(default_factory=list)  # files of the test set
     label_pattern: str | None = None  # regex whose first group is the class, on file names
     num_labels: int | None = None  # total labeled samples, balanced over classes
     labels_per_class: int | None = None  # alternative to num_labels
     batch_size: int = 64  # labeled samples per step (per process)
     mu: int = 7  # unlabeled samples per labeled sample in a step
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256  # samples per evaluation batch
     num_workers: int = 2  # DataLoader workers that build whole training steps ahead of time
     test_subset: int | None = None  # evaluate on a fixed, seeded subset of the test set
     max_unlabeled: int | None = None  # cap on the unlabeled pool (seeded subset)
@@ -214,9 +214,9 @@ class Config:
     distance: DistanceConfig = field(default_factory=DistanceConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     recipe: str = "custom"  # the recipe's name; used for the default output folder
-    seed: int = 0
+    seed: int = 0  # seeds the label split, data order, views, initialisation and projections
     output_dir: str | None = None  # default: runs/<recipe>-<time>
-    resume: str = "never"  # never | auto (newest valid checkpoint in output_dir) | a checkpoint file
+    resume: str = "never"  # never, auto (newest readable checkpoint in output_dir), or a checkpoint file
     overwrite: bool = False  # allow reusing an output_dir that holds a different run
 
     def validate(self) -> None:

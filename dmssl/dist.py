@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.distributed as torch_dist
 
@@ -14,6 +16,25 @@ def rank() -> int:
     return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each process's gradient for the local rows (all_reduce + slice).
+
+    Written with all_gather and all_reduce only, which every backend has (gloo has no reduce_scatter).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        parts = [torch.zeros_like(tensor) for _ in range(world_size())]
+        torch_dist.all_gather(parts, tensor.contiguous())
+        return tuple(parts)
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)
+        torch_dist.all_reduce(stacked)
+        return stacked[rank()]
+
+
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate `tensor` from every process along dim 0, keeping autograd.
 
@@ -24,11 +45,9 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """
     if world_size() == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
     sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
     torch_dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
     longest = int(max(s.item() for s in sizes))
     padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
-    parts = all_gather(padded)
+    parts = _GatherWithGrad.apply(padded)
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])

@@ -38,7 +38,7 @@ from dmssl.checkpoint import checkpoint_path, load_checkpoint, load_latest_valid
 from dmssl.config import Config, TrainerConfig, config_to_dict
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_labeled
 from dmssl.distances import build_distance
-from dmssl.errors import CheckpointError, TrainingDiverged
+from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
 from dmssl.model import SSLModel
 from dmssl.objective import StepEmbeddings, build_objective
 from dmssl.registry import load_modality
@@ -123,8 +123,8 @@ def run_identity(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
 
 
-def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
-    """Create or check the run folder; refuse to mix two different runs in one folder."""
+def check_run_dir(cfg: Config) -> Path:
+    """The run folder; refuse to mix two different runs in one folder (reads only, on every process)."""
     run_dir = Path(cfg.output_dir or f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
     config_file = run_dir / "config.yaml"
     if config_file.is_file() and not cfg.overwrite:
@@ -145,14 +145,17 @@ def prepare_run_dir(cfg: Config, is_main: bool) -> Path:
                 f"output_dir={str(run_dir)!r} holds a different run ({shown}); resume it with the same settings,"
                 " or pass overwrite=true / another output_dir"
             )
-    if is_main:
-        if cfg.overwrite and run_dir.exists():
-            for name in ("checkpoints", "metrics.jsonl", "summary.json", "plots"):
-                target = run_dir / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        config_file.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
     return run_dir
+
+
+def write_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Create the folder (clearing an overwritten run's results) and save the resolved config (main process)."""
+    if cfg.overwrite and run_dir.exists():
+        for name in ("checkpoints", "metrics.jsonl", "summary.json", "plots"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
 def choose_precision(requested: str) -> str | None:
@@ -164,8 +167,11 @@ def choose_precision(requested: str) -> str | None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> float:
-    """Top-1 accuracy of nearest-prototype predictions over the whole test set (gathered, no duplicates)."""
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[float, int]:
+    """(top-1 accuracy, samples counted) of nearest-prototype predictions over the whole test set.
+
+    `gather_for_metrics` drops the samples a distributed sampler repeats to even out the last batch.
+    """
     model.eval()
     correct = total = 0
     for batch in loader:
@@ -174,7 +180,7 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> 
         predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
         correct += int((predictions == labels).sum())
         total += labels.numel()
-    return correct / max(total, 1)
+    return correct / max(total, 1), total
 
 
 class StopRequest:
@@ -203,10 +209,17 @@ class StopRequest:
 def fit(cfg: Config) -> dict[str, Any]:
     """Train as `cfg` says; return the summary also written to `summary.json`."""
     started = time.monotonic()
-    accelerator = Accelerator(mixed_precision=choose_precision(cfg.trainer.mixed_precision),
+    # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision=choose_precision(cfg.trainer.mixed_precision),
                               log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with)
     torch.manual_seed(cfg.seed)
-    run_dir = prepare_run_dir(cfg, accelerator.is_main_process)
+    if cfg.output_dir is None and accelerator.num_processes > 1:
+        raise ConfigError("set output_dir= when training with several processes, so that they share one run folder")
+    run_dir = check_run_dir(cfg)
+    accelerator.wait_for_everyone()  # every process has checked before the main one writes
+    if accelerator.is_main_process:
+        write_run_dir(cfg, run_dir)
     accelerator.wait_for_everyone()
 
     # ==== data: the adapter loads, the core splits ====
@@ -285,7 +298,7 @@ def fit(cfg: Config) -> dict[str, Any]:
             if not torch.isfinite(out.loss):
                 terms = {k: round(float(v), 6) for k, v in out.logs.items()}
                 raise TrainingDiverged(
-                    f"loss is {float(out.loss)} at step {step} (terms: {terms}); the last good checkpoint in "
+                    f"loss is {out.loss.item()} at step {step} (terms: {terms}); the last good checkpoint in "
                     f"{checkpoints} is kept; lower trainer.lr or check the data"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -315,7 +328,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                                      mask=f"{averages.get('mask_rate') or 0.0:.2f}")
                 last_train_logs = averages
             if step % cfg.trainer.eval_every == 0 or finished:
-                last_accuracy = evaluate(ema.module, eval_loader, accelerator)
+                last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
                 record = {"step": step, "test_accuracy": last_accuracy, "lr": lr,
                           "elapsed_seconds": round(elapsed, 2), **last_train_logs}
                 if accelerator.is_main_process:
@@ -330,13 +343,15 @@ def fit(cfg: Config) -> dict[str, Any]:
                 stop_reason = ("signal" if stop.signal is not None else "max_minutes" if out_of_time else "max_steps")
                 break
     progress.close()
+    if math.isnan(last_accuracy):  # nothing left to train (resumed a finished run): evaluate once
+        last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
 
     if stop_reason == "signal":
         accelerator.print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with resume=auto")
         accelerator.end_training()
         raise KeyboardInterrupt
     summary = {
-        "test_accuracy": last_accuracy if step > 0 else evaluate(ema.module, eval_loader, accelerator),
+        "test_accuracy": last_accuracy,
         "steps": step,
         "wall_seconds": round(time.monotonic() - started + elapsed_before, 2),
         "train_seconds": round(elapsed_before + time.monotonic() - loop_started, 2),
@@ -349,6 +364,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         "num_labeled": len(labeled_idx),
         "num_unlabeled": len(pool),
         "num_test": len(test_idx),
+        "num_test_evaluated": evaluated,
         "seed": cfg.seed,
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),

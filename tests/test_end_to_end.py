@@ -102,3 +102,77 @@ def test_resume__corrupt_newest_checkpoint_falls_back(tmp_path):
         summary = run(tmp_path, "trainer.max_steps=8", "trainer.checkpoint_every=4", "resume=auto")
     assert summary["resumed_from"].endswith("step_00000004.pt")
     assert summary["steps"] == 8
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_processes_with_torchrun(tmp_path):
+    # Two CPU processes (gloo): one run folder, written once, every test sample counted once.
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), "train.py", *FAST,
+                             "trainer.max_steps=6", "trainer.eval_every=3", f"output_dir={tmp_path}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_processes"] == 2 and summary["steps"] == 6
+    assert summary["num_test_evaluated"] == summary["num_test"] == 500
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [3, 6]
+    assert result.stdout.count("test_accuracy=") == 1  # printed by the main process only
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
+    args = [sys.executable, "train.py", *FAST, "trainer.max_steps=400", "trainer.checkpoint_every=1000",
+            f"output_dir={tmp_path}"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "config.yaml").is_file():
+        time.sleep(0.05)
+    time.sleep(3)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-1000:]
+    saved = list_checkpoints(tmp_path / "checkpoints")
+    assert len(saved) == 1 and 0 < load_checkpoint(saved[0])["step"] < 400
+    result = subprocess.run([*args, "resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and json.loads((tmp_path / "summary.json").read_text())["steps"] == 400
+
+
+class _NaNAfterThreeSteps(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.feature_dim, self.calls = inner, inner.feature_dim, 0
+
+    def forward(self, rows):
+        if self.training:
+            self.calls += 1
+        out = self.inner(rows)
+        return out * float("nan") if self.calls > 3 else out
+
+
+from examples.tabular import TabularModality  # noqa: E402
+
+
+class NaNTabular(TabularModality):
+    """The tutorial's adapter with an encoder that returns NaN from the 4th training step on."""
+
+    def build_encoder(self):
+        return _NaNAfterThreeSteps(super().build_encoder())
+
+
+def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(tmp_path, capsys):
+    from dmssl.cli import main
+
+    code = main([f"recipe={ROOT / 'examples' / 'tabular.yaml'}", "modality.name=tests.test_end_to_end:NaNTabular",
+                 "trainer.checkpoint_every=1", "trainer.progress_bar=false", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "loss is nan at step 3" in err and "loss_contrastive" in err
+    newest = list_checkpoints(tmp_path / "checkpoints")[-1]
+    state = load_checkpoint(newest)
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

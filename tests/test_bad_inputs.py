@@ -1,0 +1,103 @@
+"""Bad input, table-driven: each case exits with code 2 and one message that names the bad value."""
+
+import gzip
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dmssl.cli import main
+from tests.modalities.test_text import tiny_bert  # noqa: F401 - fixture
+
+Q = ["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0", "trainer.max_steps=2"]
+
+
+def png(path, color):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), color, dtype=np.uint8)).save(path)
+
+
+@pytest.fixture
+def folders(tmp_path, tiny_bert):  # noqa: F811
+    """Small broken data sets (synthetic files)."""
+    (tmp_path / "empty").mkdir()
+    png(tmp_path / "mismatch/train/cat/0.png", 10)
+    png(tmp_path / "mismatch/train/dog/0.png", 200)
+    png(tmp_path / "mismatch/test/bird/0.png", 90)
+    for split in ("train", "test"):
+        (tmp_path / f"broken/{split}/cat").mkdir(parents=True)
+        (tmp_path / f"broken/{split}/cat/0.png").write_bytes(b"not a png")
+    (tmp_path / "latin1").mkdir()
+    (tmp_path / "latin1/train.jsonl").write_bytes(b'{"text": "caf\xe9", "label": 1}\n')
+    (tmp_path / "latin1/test.jsonl").write_text('{"text": "ok", "label": 1}\n')
+    (tmp_path / "emptytext").mkdir()
+    (tmp_path / "emptytext/train.jsonl").write_text('{"text": "", "label": 0}\n')
+    (tmp_path / "emptytext/test.jsonl").write_text('{"text": "fine", "label": 0}\n')
+    (tmp_path / "threeclass").mkdir()
+    rows = [{"text": f"good w{i}", "label": i % 2} for i in range(8)]
+    (tmp_path / "threeclass/train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "threeclass/test.jsonl.gz").write_bytes(gzip.compress(b'{"text": "bad", "label": 0}\n'))
+    (tmp_path / "audio").mkdir()
+    (tmp_path / "audio/readme.wav").write_bytes(b"")
+    (tmp_path / "other-run").mkdir()
+    (tmp_path / "other-run/config.yaml").write_text("recipe: quickstart\n")
+    (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
+    return tmp_path
+
+
+TEXT = ["recipe=text_sentiment", "trainer.progress_bar=false", "data.num_workers=0", "trainer.max_steps=2"]
+
+CASES = [
+    (["recipe=nope"], "'nope'"),
+    ([*Q, "trainer.max_stesp=5"], "did you mean 'trainer.max_steps'"),
+    ([*Q, "trainer.max_steps=abc"], "trainer.max_steps='abc' is not an int"),
+    ([*Q, "trainer.lr=fast"], "trainer.lr='fast' is not a float"),
+    ([*Q, "objective.pseudo_label_threshold=0"], "objective.pseudo_label_threshold=0.0 must be in (0, 1]"),
+    ([*Q, "objective.pseudo_label_threshold=1.2"], "objective.pseudo_label_threshold=1.2"),
+    ([*Q, "data.mu=0"], "data.mu=0 must be > 0"),
+    ([*Q, "data.mu=-2"], "data.mu=-2"),
+    ([*Q, "data.batch_size=0"], "data.batch_size=0"),
+    ([*Q, "distance.name=emd"], "distance.name='emd' is not allowed"),
+    ([*Q, "distance.kernel=rbf"], "distance.kernel='rbf'"),
+    ([*Q, "objective.name=mixmatch"], "objective.name='mixmatch'"),
+    ([*Q, "modality.name=nosuch"], "unknown modality 'nosuch'"),
+    ([*Q, "modality.hflip=maybe"], "modality.hflip='maybe' is not a bool"),
+    ([*Q, "trainer.ema_decay=1.5"], "trainer.ema_decay=1.5"),
+    ([*Q, "distance.bandwidths=[-1]"], "distance.bandwidths=[-1.0]"),
+    ([*Q, "data.labels_per_class=null", "data.num_labels=13"], "data.num_labels=13 is not divisible by the 10 classes"),
+    ([*Q, "data.labels_per_class=1000"], "fewer than the 1000 per class"),
+    ([*Q, "resume=/no/such/checkpoint.pt"], "resume='/no/such/checkpoint.pt'"),
+    ([*Q, "output_dir={tmp}/other-run"], "other-run' already holds a run"),
+    ([*Q, "output_dir={tmp}/fresh", "resume={tmp}/corrupt.pt"], "corrupt.pt' cannot be read"),
+    (["recipe=image_cifar10", "data.root={tmp}/no-such-folder"], "no-such-folder' does not exist"),
+    (["recipe=image_cifar10", "data.root={tmp}/empty"], "no readable images under"),
+    (["recipe=image_cifar10", "data.root={tmp}/mismatch", "data.num_labels=null"], "test classes ['bird'] have no training images"),
+    (["recipe=image_cifar10", "data.root={tmp}/broken"], "no readable images under"),
+    ([*Q, "model.encoder=vit"], "model.encoder='vit' is not an image encoder"),
+    ([*TEXT, "data.root={tmp}/latin1", "model.name={bert}"], "latin1/train.jsonl is not UTF-8 text (line 1"),
+    ([*TEXT, "data.root={tmp}/emptytext", "model.name={bert}"], "the training set is empty"),
+    ([*TEXT, "data.root={tmp}/threeclass", "model.name={bert}", "modality.class_names=[a,b,c]",
+      "data.labels_per_class=1"], "classes with no labeled training sample: ['c']"),
+    ([*TEXT, "data.root={tmp}/threeclass", "model.name=no-such-org/no-such-model"], "'no-such-org/no-such-model' is not available offline"),
+    ([*TEXT, "data.root={tmp}/nowhere"], "nowhere' is not a folder"),
+    (["recipe=audio_fsdd", "data.root={tmp}/audio"], "no readable, labeled audio files"),
+    (["recipe=audio_fsdd", "data.root={tmp}/audio", "modality.test_pattern=[unclosed"], "modality.test_pattern='[unclosed'"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), CASES, ids=[f"{i:02d}" for i in range(len(CASES))])
+def test_bad_input_exits_2_and_names_the_value(argv, message, folders, tiny_bert, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(folders)  # runs without output_dir land in the temporary folder
+    argv = [a.format(tmp=folders, bert=tiny_bert) for a in argv]
+    message = message.format(tmp=folders)
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], err
+
+
+def test_table_has_at_least_25_cases():
+    assert len(CASES) >= 25
