@@ -173,6 +173,7 @@ class TrainerConfig:
     keep_checkpoints: int = 2
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU
     log_with: Literal["none", "tensorboard"] = "none"
+    save_embeddings: bool = True  # embeddings of 500 labeled + 500 unlabeled samples at start and end, for plots
     progress_bar: bool = True
 
     def validate(self) -> None:

@@ -46,7 +46,7 @@ from dmssl.registry import load_modality
 # Keys that may change between a run and its resumption without making it a different run.
 RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_every", "trainer.log_every",
                      "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress_bar",
-                     "trainer.log_with", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
+                     "trainer.log_with", "trainer.save_embeddings", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
                      "output_dir", "resume", "overwrite"}
 
 
@@ -151,7 +151,7 @@ def check_run_dir(cfg: Config) -> Path:
 def write_run_dir(cfg: Config, run_dir: Path) -> None:
     """Create the folder (clearing an overwritten run's results) and save the resolved config (main process)."""
     if cfg.overwrite and run_dir.exists():
-        for name in ("checkpoints", "metrics.jsonl", "summary.json", "plots"):
+        for name in ("checkpoints", "metrics.jsonl", "train.jsonl", "summary.json", "embeddings", "plots"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,9 +257,10 @@ def fit(cfg: Config) -> dict[str, Any]:
             accelerator.print(f"resumed from {resumed_from} at step {step}")
     ema.module.to(accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
-    metrics_file = run_dir / "metrics.jsonl"
+    metrics_file, train_log = run_dir / "metrics.jsonl", run_dir / "train.jsonl"
     if accelerator.is_main_process:
         keep_metric_lines_up_to(metrics_file, step)
+        keep_metric_lines_up_to(train_log, step)
 
     steps_data = StepDataset(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
                              [s for s, _ in pool], [y for _, y in pool], cfg.data.batch_size, cfg.data.mu,
@@ -276,6 +277,11 @@ def fit(cfg: Config) -> dict[str, Any]:
         generator=torch.Generator().manual_seed(cfg.seed)))
     if cfg.trainer.log_with != "none":
         accelerator.init_trackers(run_dir.name, config=flatten(config_to_dict(cfg)))
+
+    snapshot = EmbeddingSnapshot(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
+                                 pool, cfg.seed, cfg.data.eval_batch_size)
+    if accelerator.is_main_process and cfg.trainer.save_embeddings and step == 0:
+        snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / "step_00000000.npz")
 
     # ==== the loop ====
     budget_seconds = cfg.trainer.max_minutes * 60 if cfg.trainer.max_minutes else math.inf
@@ -327,13 +333,14 @@ def fit(cfg: Config) -> dict[str, Any]:
                 progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}", acc=f"{last_accuracy:.3f}",
                                      mask=f"{averages.get('mask_rate') or 0.0:.2f}")
                 last_train_logs = averages
+                if accelerator.is_main_process:
+                    append_json_line(train_log, {"step": step, "lr": lr, **averages})
             if step % cfg.trainer.eval_every == 0 or finished:
                 last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
                 record = {"step": step, "test_accuracy": last_accuracy, "lr": lr,
                           "elapsed_seconds": round(elapsed, 2), **last_train_logs}
                 if accelerator.is_main_process:
-                    with metrics_file.open("a", encoding="utf-8") as handle:
-                        handle.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+                    append_json_line(metrics_file, record)
                 if cfg.trainer.log_with != "none":
                     accelerator.log({"eval/test_accuracy": last_accuracy}, step=step)
             if step % cfg.trainer.checkpoint_every == 0 or finished:
@@ -372,11 +379,42 @@ def fit(cfg: Config) -> dict[str, Any]:
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     if accelerator.is_main_process:
+        if cfg.trainer.save_embeddings:
+            snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / f"step_{step:08d}.npz")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     accelerator.end_training()
     accelerator.print(f"test_accuracy={summary['test_accuracy']:.4f} steps={step} "
                       f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
     return summary
+
+
+class EmbeddingSnapshot:
+    """Embeddings of a fixed, seeded sample of labeled and unlabeled data, saved for plots.
+
+    `python -m dmssl.plot RUN_DIR` projects them to 2-D to show how matching moves the unlabeled cloud.
+    """
+
+    def __init__(self, adapter: Any, labeled: list, labels: list[int], pool: list, seed: int, batch_size: int,
+                 size: int = 500) -> None:
+        self.adapter, self.batch_size = adapter, batch_size
+        keep_l = seeded_subset(len(labeled), size, seed + 13)
+        keep_u = seeded_subset(len(pool), size, seed + 17)
+        self.samples = [labeled[i] for i in keep_l] + [pool[i][0] for i in keep_u]
+        self.targets = [labels[i] for i in keep_l] + [pool[i][1] for i in keep_u]
+        self.is_labeled = [True] * len(keep_l) + [False] * len(keep_u)
+
+    @torch.no_grad()
+    def save(self, model: SSLModel, device: torch.device, path: Path) -> None:
+        model.eval()
+        parts = []
+        for start in range(0, len(self.samples), self.batch_size):
+            views = [self.adapter.test_view(s) for s in self.samples[start: start + self.batch_size]]
+            parts.append(model(send_to_device(self.adapter.collate(views), device)).float().cpu())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import numpy as np
+
+        np.savez(path, embeddings=torch.cat(parts).numpy(), targets=np.array(self.targets),
+                 is_labeled=np.array(self.is_labeled), prototypes=model.prototypes.float().cpu().numpy())
 
 
 def unwrap(model: nn.Module, accelerator: Accelerator) -> SSLModel:
@@ -410,6 +448,11 @@ def save_training_state(accelerator: Accelerator, folder: Path, step: int, model
     }
     save_checkpoint(state, checkpoint_path(folder, step))
     prune_checkpoints(folder, cfg.trainer.keep_checkpoints)
+
+
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, allow_nan=False, default=str) + "\n")
 
 
 def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:

@@ -176,3 +176,14 @@ def test_nan_loss_stops_with_step_and_terms_and_keeps_last_checkpoint(tmp_path, 
     newest = list_checkpoints(tmp_path / "checkpoints")[-1]
     state = load_checkpoint(newest)
     assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_plot__renders_figures_of_a_run(tmp_path):
+    from dmssl.plot import compare, plot_run
+
+    run(tmp_path / "a", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=2")
+    written = plot_run(tmp_path / "a")
+    assert {p.name for p in written} == {"curves.png", "distance.png", "embeddings.png"}
+    assert all(p.stat().st_size > 10_000 for p in written)  # real images, not empty files
+    run(tmp_path / "b", "trainer.max_steps=6", "objective.name=sscl")
+    assert compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp.png").stat().st_size > 10_000
