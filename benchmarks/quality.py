@@ -1,0 +1,120 @@
+"""Quality benchmark: objective x distance x seed grid on one modality's real data, mean +- std accuracy.
+
+    python benchmarks/quality.py digits --seeds 0 1 2 --write docs/results.md
+    python benchmarks/quality.py cifar10 --data ../shared/data/cifar10/cifar10-jpg.tar.gz --minutes 15
+    python benchmarks/quality.py fsdd --data ../shared/data/fsdd/fsdd-recordings.tar.gz --minutes 15
+    python benchmarks/quality.py imdb --data ../shared/data/imdb --minutes 20
+    # on a GPU, the full protocol: e.g. cifar10 --steps 1048576 --extra model.encoder=wrn28_2
+
+Every cell is a `train.py` run (a subprocess) under the same budget; finished runs are reused (their
+summary.json), so an interrupted grid continues where it stopped. Raw results go to a JSON file, the
+table to stdout and, with --write, into the `quality-<modality>` section of a markdown file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.speed import write_section  # noqa: E402
+
+PRESETS: dict[str, list[str]] = {
+    "digits": ["recipe=quickstart"],
+    "cifar10": ["recipe=image_cifar10", "model.encoder=small_cnn", "data.num_labels=250"],
+    "fsdd": ["recipe=audio_fsdd"],
+    "imdb": ["recipe=text_sentiment", "data.labels_per_class=10"],
+}
+CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
+         ("dmssl", "wasserstein")]
+
+
+def run_cell(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> dict[str, Any]:
+    name = f"{objective}-{distance}-s{seed}" if distance else f"{objective}-s{seed}"
+    out = args.runs / args.modality / name
+    if (out / "summary.json").is_file():
+        return json.loads((out / "summary.json").read_text())
+    command = [sys.executable, str(ROOT / "train.py"), *PRESETS[args.modality], f"objective.name={objective}",
+               f"seed={seed}", f"output_dir={out}", "overwrite=true", "trainer.progress_bar=false",
+               "trainer.save_embeddings=false"]
+    if distance:
+        command.append(f"distance.name={distance}")
+    if args.data:
+        command.append(f"data.root={args.data}")
+    if args.steps:
+        command.append(f"trainer.max_steps={args.steps}")
+    if args.minutes:
+        command += [f"trainer.max_minutes={args.minutes}"] + ([] if args.steps else ["trainer.max_steps=100000000"])
+    command += args.extra
+    print("+", " ".join(command[1:]), flush=True)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def render(report: dict[str, Any]) -> str:
+    budget = (f"{report['steps']} steps" if report["steps"] else "") + \
+             (f"{' or ' if report['steps'] else ''}{report['minutes']} minutes per run" if report["minutes"] else "")
+    lines = [f"`{report['command']}`", "",
+             f"Budget: {budget or 'the recipe default'}; seeds {report['seeds']}; {report['machine']}; {report['date']}.", "",
+             "| objective | distance | test accuracy (mean +- std) | steps (mean) | per seed |", "|---|---|---|---|---|"]
+    for row in report["rows"]:
+        acc = row["accuracies"]
+        std = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        lines.append(f"| {row['objective']} | {row['distance'] or '-'} | {100 * statistics.mean(acc):.2f} +- {100 * std:.2f} | "
+                     f"{statistics.mean(row['steps']):.0f} | {', '.join(f'{100 * a:.1f}' for a in acc)} |")
+    best = max(report["rows"], key=lambda r: statistics.mean(r["accuracies"]))
+    dm = [r for r in report["rows"] if r["objective"] == "dmssl"]
+    others = [r for r in report["rows"] if r["objective"] != "dmssl"]
+    if dm and others:
+        best_dm = max(dm, key=lambda r: statistics.mean(r["accuracies"]))
+        best_other = max(others, key=lambda r: statistics.mean(r["accuracies"]))
+        verdict = "beats" if statistics.mean(best_dm["accuracies"]) > statistics.mean(best_other["accuracies"]) else "does **not** beat"
+        lines += ["", f"Best: {best['objective']} {best['distance'] or ''}. The best dmssl variant ({best_dm['distance']}) "
+                  f"{verdict} the best baseline ({best_other['objective']}) here."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modality", choices=sorted(PRESETS))
+    parser.add_argument("--data", help="data.root for the modality's data set")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, help="trainer.max_steps of every run")
+    parser.add_argument("--minutes", type=float, help="trainer.max_minutes of every run")
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
+    args = parser.parse_args()
+    rows = []
+    for objective, distance in CELLS:
+        summaries = [run_cell(args, objective, distance, seed) for seed in args.seeds]
+        rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in summaries],
+                     "steps": [s["steps"] for s in summaries]})
+    import torch
+
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    report = {"modality": args.modality, "rows": rows, "seeds": args.seeds, "steps": args.steps, "minutes": args.minutes,
+              "date": date.today().isoformat(), "machine": f"{platform.machine()} {device}",
+              "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
+    args.runs.mkdir(parents=True, exist_ok=True)
+    (args.runs / f"quality-{args.modality}.json").write_text(json.dumps(report, indent=2))
+    text = render(report)
+    print(text)
+    if args.write:
+        write_section(args.write, f"quality-{args.modality}", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,307 @@
+"""Speed benchmark: where a training step's time goes, as ratios measured in one run.
+
+    python benchmarks/speed.py [--quick] [--cifar PATH] [--fsdd PATH] [--imdb PATH] [--write docs/results.md]
+
+(a) step time of each objective on the same batch and encoder, relative to a plain forward+backward of
+    the encoder on the same inputs (the SSL overhead), and the matching term's share of a dmssl step;
+(b) each distance's time (forward+backward) and peak memory for n = 64 ... 4096 embeddings per side,
+    as a fraction of one encoder forward+backward on a labeled batch;
+(c) data loading: the time one worker needs to build a training step (views + collate) vs the time
+    the training step takes, per adapter on its real data (when the paths are given).
+
+Timings: median of repeated runs after warm-up, on whatever device is present (CUDA synchronised).
+Inputs for (a) and (b) are random tensors of the right shapes (timing does not depend on content).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dmssl.config import ObjectiveConfig, resolve  # noqa: E402
+from dmssl.data import StepDataset  # noqa: E402
+from dmssl.distances import build_distance  # noqa: E402
+from dmssl.model import SSLModel  # noqa: E402
+from dmssl.objective import build_objective  # noqa: E402
+from dmssl.registry import load_modality  # noqa: E402
+from dmssl.trainer import split_step  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory(fn: Callable[[], Any]) -> int:
+    """Peak bytes allocated while `fn` runs: CUDA's counter, or the CPU profiler's allocation trace."""
+    if DEVICE.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.events() if e.cpu_memory_usage), key=lambda e: e.time_range.start)
+    running = peak = 0
+    for event in events:
+        running += event.cpu_memory_usage
+        peak = max(peak, running)
+    return peak
+
+
+# ---------------------------------------------------------------- (a) objectives
+
+
+def image_batch(recipe: list[str], views: int) -> tuple[Any, Any, torch.Tensor]:
+    cfg = resolve(recipe)
+    adapter = load_modality("image")(cfg.modality.options, cfg.data, cfg.model)
+    adapter.in_channels = 3
+    b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
+    images = torch.randint(0, 256, (b + views * u, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
+    return cfg, adapter, images
+
+
+def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median time of each function, measured round-robin so that background load hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def objective_steps(recipe: list[str], repeats: int) -> dict[str, Any]:
+    """Time of one optimisation step per objective vs a plain encoder forward+backward on the same images."""
+    cfg, adapter, _ = image_batch(recipe, 3)
+    b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
+    torch.manual_seed(0)
+    model = SSLModel(adapter.build_encoder(), 10).to(DEVICE)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    labels = torch.randint(0, 10, (b,), device=DEVICE)
+    results: dict[str, Any] = {"recipe": " ".join(recipe), "labeled": b, "unlabeled": u, "encoder": cfg.model.encoder}
+    fns: dict[str, Callable[[], Any]] = {}
+    sizes: dict[str, int] = {}
+    for name in ("supervised", "fixmatch", "sscl", "dmssl"):
+        objective = build_objective(ObjectiveConfig(name=name), 10, build_distance(cfg.distance.name, **cfg.distance.options()))
+        views = objective.unlabeled_views
+        images = torch.randint(0, 256, (b + len(views) * u, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
+        batch = {"labels": labels, "num_unlabeled": u if views else 0, "unlabeled_targets": torch.randint(0, 10, (u,), device=DEVICE)}
+        sizes[name] = images.shape[0]
+
+        def step(objective: Any = objective, images: torch.Tensor = images, batch: dict = batch, views: tuple = views) -> None:
+            z = model(images)
+            out = objective(split_step(z, batch, views, model), 0)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+
+        def plain(images: torch.Tensor = images) -> None:
+            model.encoder(images).float().pow(2).mean().backward()
+            optimizer.zero_grad()
+
+        fns[name], fns[f"{name}/plain"] = step, plain
+    # The matching term's own cost: the distance alone on this step's embeddings.
+    distance = build_distance(cfg.distance.name, **cfg.distance.options())
+    x = torch.nn.functional.normalize(torch.randn(b, cfg.model.proj_dim, device=DEVICE), dim=1).requires_grad_()
+    y = torch.nn.functional.normalize(torch.randn(u, cfg.model.proj_dim, device=DEVICE), dim=1).requires_grad_()
+    fns["matching"] = lambda: distance(x, y).backward()
+    medians = interleaved_medians(fns, repeats)
+    for name in ("supervised", "fixmatch", "sscl", "dmssl"):
+        results[name] = {"step_s": medians[name], "images": sizes[name], "plain_forward_backward_s": medians[f"{name}/plain"],
+                         "overhead": medians[name] / medians[f"{name}/plain"]}
+    results["matching_share_of_dmssl_step"] = medians["matching"] / medians["dmssl"]
+    results["dmssl_over_sscl"] = medians["dmssl"] / medians["sscl"]
+    return results
+
+
+# ---------------------------------------------------------------- (b) distances
+
+
+def distance_costs(sizes: list[int], widths: list[int], repeats: int, encoder_fb_s: float) -> list[dict[str, Any]]:
+    rows = []
+    specs = [("cosine", {}), ("mmd", {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}),
+             ("wasserstein", {"method": "sliced", "num_projections": 128}),
+             ("wasserstein", {"method": "sinkhorn", "epsilon": 0.05, "iterations": 100})]
+    for d in widths:
+        for n in sizes:
+            x = torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).requires_grad_()
+            y = torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).requires_grad_()
+            for name, options in specs:
+                if options.get("method") == "sinkhorn" and n > 1024:
+                    continue  # O(iterations n^2): minutes on a CPU at these sizes
+                distance = build_distance(name, **options)
+
+                def run(distance: Any = distance, x: torch.Tensor = x, y: torch.Tensor = y) -> None:
+                    distance(x, y).backward()
+
+                label = name if name != "wasserstein" else f"wasserstein-{options['method']}"
+                t = median_time(run, repeats, warmup=1)
+                rows.append({"distance": label, "n": n, "d": d, "seconds": t, "peak_bytes": peak_memory(run),
+                             "fraction_of_encoder_fb": t / encoder_fb_s})
+    return rows
+
+
+# ---------------------------------------------------------------- (c) loading
+
+
+def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
+    """Seconds for one worker to build a step vs seconds for the step itself, on real data."""
+    cfg = resolve(recipe)
+    adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
+    raw = adapter.load()
+    views = ("weak", "strong", "strong")
+    labeled = list(range(min(len(raw.train), 100)))
+    steps = StepDataset(adapter, [raw.train[i] for i in labeled], [max(0, raw.train_labels[i]) for i in labeled],
+                        raw.train, [max(-1, y) for y in raw.train_labels], cfg.data.batch_size, cfg.data.mu, views,
+                        10_000, 0)
+    counter = iter(range(10_000))
+    t_build = median_time(lambda: steps[next(counter)], repeats, warmup=1)
+    torch.manual_seed(0)
+    model = SSLModel(adapter.build_encoder(), raw.num_classes).to(DEVICE)
+    objective = build_objective(cfg.objective, raw.num_classes, build_distance(cfg.distance.name, **cfg.distance.options()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    from accelerate.utils import send_to_device
+
+    item = send_to_device(steps[0], DEVICE)
+
+    def step() -> None:
+        out = objective(split_step(model(item["inputs"]), item, views, model), 0)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+
+    t_step = median_time(step, max(3, repeats // 2), warmup=1)
+    return {"recipe": " ".join(recipe[:1]), "samples_per_step": len(labeled[: cfg.data.batch_size]) + 3 * cfg.data.batch_size * cfg.data.mu,
+            "build_s": t_build, "step_s": t_step, "build_over_step": t_build / t_step,
+            "workers_needed": t_build / t_step, "default_workers": cfg.data.num_workers}
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Measured {report['date']} on {report['machine']} (`python benchmarks/speed.py"
+             f"{' --quick' if report['quick'] else ''}`); medians after warm-up.", ""]
+    a = report["objectives"]
+    lines += [f"**(a) Step time per objective** ({a['encoder']}, {a['labeled']} labeled + {a['unlabeled']} unlabeled "
+              "per step, random 32x32 images). *overhead* = step time / a plain encoder forward+backward on the same images.", "",
+              "| objective | images per step | step (s) | plain fwd+bwd (s) | overhead |", "|---|---|---|---|---|"]
+    for name in ("supervised", "fixmatch", "sscl", "dmssl"):
+        r = a[name]
+        lines.append(f"| {name} | {r['images']} | {r['step_s']:.3f} | {r['plain_forward_backward_s']:.3f} | {r['overhead']:.3f} |")
+    lines += ["", f"The matching term alone (distance forward+backward on the step's {a['labeled']} + {a['unlabeled']} embeddings) "
+              f"is **{100 * a['matching_share_of_dmssl_step']:.2f} %** of a dmssl step; dmssl / sscl step time = "
+              f"{a['dmssl_over_sscl']:.3f}.", ""]
+    lines += ["**(b) Distances**: forward+backward time and peak memory, n embeddings per side, as a fraction of one "
+              f"encoder forward+backward on {a['labeled']} labeled images ({report['encoder_fb_s']:.4f} s).", "",
+              "| distance | d | " + " | ".join(f"n={n}" for n in report["sizes"]) + " |",
+              "|---|---|" + "---|" * len(report["sizes"])]
+    for d in report["widths"]:
+        for name in dict.fromkeys(r["distance"] for r in report["distances"]):
+            cells = []
+            for n in report["sizes"]:
+                match = [r for r in report["distances"] if r["distance"] == name and r["n"] == n and r["d"] == d]
+                cells.append(f"{match[0]['fraction_of_encoder_fb']:.3f} ({match[0]['peak_bytes'] / 2**20:.1f} MiB)"
+                             if match else "-")
+            lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
+    lines += ["", "**(c) Data loading vs training step** (one worker building a whole step: views + collate, real data). "
+              "*workers needed* = build time / step time: the loader keeps up when `data.num_workers` is at least that.", "",
+              "| recipe | samples per step | build (s) | step (s) | workers needed | default workers |", "|---|---|---|---|---|---|"]
+    for r in report["loading"]:
+        lines.append(f"| {r['recipe']} | {r['samples_per_step']} | {r['build_s']:.3f} | {r['step_s']:.3f} | "
+                     f"{r['workers_needed']:.2f} | {r['default_workers']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_section(path: Path, name: str, body: str) -> None:
+    """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` in `path`."""
+    text = path.read_text(encoding="utf-8")
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    head, rest = text.split(start, 1)
+    path.write_text(head + start + "\n" + body + end + rest.split(end, 1)[1], encoding="utf-8")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (CI smoke run)")
+    parser.add_argument("--cifar", help="CIFAR-10 image-folder archive, for the loading benchmark")
+    parser.add_argument("--fsdd", help="FSDD recordings archive, for the loading benchmark")
+    parser.add_argument("--imdb", help="IMDB folder (train/unsup/test JSON lines), for the loading benchmark")
+    parser.add_argument("--write", type=Path, help="replace the speed section of this markdown file")
+    parser.add_argument("--json", type=Path, help="write the raw figures here")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    repeats = 3 if args.quick else 7
+    sizes = [64, 256] if args.quick else [64, 256, 1024, 4096]
+    widths = [128] if args.quick else [128, 512]
+    base = ["recipe=image_cifar10", "model.encoder=small_cnn"] + (["data.batch_size=16"] if args.quick else [])
+    objectives = objective_steps(base, repeats)
+    cfg, adapter, images = image_batch(base, 0)
+    encoder = adapter.build_encoder().to(DEVICE)
+    labeled = images[: cfg.data.batch_size]
+    encoder_fb = median_time(lambda: encoder(labeled).float().pow(2).mean().backward(), repeats)
+    report = {"date": date.today().isoformat(), "quick": args.quick, "sizes": sizes, "widths": widths,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {DEVICE.type}"
+                         + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""),
+              "objectives": objectives, "encoder_fb_s": encoder_fb,
+              "distances": distance_costs(sizes, widths, repeats, encoder_fb), "loading": []}
+    loaders = [["recipe=quickstart"]]
+    if args.cifar:
+        loaders.append(["recipe=image_cifar10", f"data.root={args.cifar}", "model.encoder=small_cnn"])
+    if args.fsdd:
+        loaders.append(["recipe=audio_fsdd", f"data.root={args.fsdd}"])
+    if args.imdb:
+        loaders.append(["recipe=text_sentiment", f"data.root={args.imdb}"])
+    for recipe in loaders:
+        report["loading"].append(loader_vs_step(recipe, repeats))
+    text = markdown(report)
+    print(text)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+    if args.write:
+        write_section(args.write, "speed", text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
