@@ -52,6 +52,8 @@ def run_cell(args: argparse.Namespace, objective: str, distance: str | None, see
         command.append(f"data.root={args.data}")
     if args.steps:
         command.append(f"trainer.max_steps={args.steps}")
+        if not args.minutes:
+            command.append("trainer.max_minutes=null")  # a pure step budget: the same result on any machine
     if args.minutes:
         command += [f"trainer.max_minutes={args.minutes}"] + ([] if args.steps else ["trainer.max_steps=100000000"])
     command += args.extra

@@ -209,14 +209,15 @@ class StopRequest:
 def fit(cfg: Config) -> dict[str, Any]:
     """Train as `cfg` says; return the summary also written to `summary.json`."""
     started = time.monotonic()
+    run_dir = check_run_dir(cfg)
     # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(),
                               mixed_precision=choose_precision(cfg.trainer.mixed_precision),
-                              log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with)
+                              log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with,
+                              project_dir=str(run_dir))
     torch.manual_seed(cfg.seed)
     if cfg.output_dir is None and accelerator.num_processes > 1:
         raise ConfigError("set output_dir= when training with several processes, so that they share one run folder")
-    run_dir = check_run_dir(cfg)
     accelerator.wait_for_everyone()  # every process has checked before the main one writes
     if accelerator.is_main_process:
         write_run_dir(cfg, run_dir)
@@ -276,7 +277,8 @@ def fit(cfg: Config) -> dict[str, Any]:
         batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter), num_workers=min(workers, 2),
         generator=torch.Generator().manual_seed(cfg.seed)))
     if cfg.trainer.log_with != "none":
-        accelerator.init_trackers(run_dir.name, config=flatten(config_to_dict(cfg)))
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}
+        accelerator.init_trackers(run_dir.name, config=hparams)  # trackers accept scalars only
 
     snapshot = EmbeddingSnapshot(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
                                  pool, cfg.seed, cfg.data.eval_batch_size)

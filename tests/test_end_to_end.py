@@ -187,3 +187,13 @@ def test_plot__renders_figures_of_a_run(tmp_path):
     assert all(p.stat().st_size > 10_000 for p in written)  # real images, not empty files
     run(tmp_path / "b", "trainer.max_steps=6", "objective.name=sscl")
     assert compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp.png").stat().st_size > 10_000
+
+
+def test_tensorboard_tracker_receives_scalars(tmp_path):
+    pytest.importorskip("tensorboard", reason="tensorboard comes with the [dev] extra")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(tmp_path, "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=2", "trainer.log_with=tensorboard")
+    events = EventAccumulator(str(tmp_path / tmp_path.name))
+    events.Reload()
+    assert {"train/loss", "train/distance", "train/mask_rate", "eval/test_accuracy"} <= set(events.Tags()["scalars"])
