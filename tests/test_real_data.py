@@ -1,0 +1,27 @@
+"""Short runs on the real data sets kept beside the project (../shared/data), where they are present."""
+
+import pytest
+
+from dmssl.config import resolve
+from dmssl.trainer import fit
+from tests.conftest import SHARED_DATA
+
+pytestmark = pytest.mark.slow
+FSDD = SHARED_DATA / "fsdd" / "fsdd-recordings.tar.gz"
+CIFAR = SHARED_DATA / "cifar10" / "cifar10-jpg.tar.gz"
+COMMON = ["trainer.progress_bar=false", "data.num_workers=0", "trainer.max_steps=3", "trainer.eval_every=3"]
+
+
+@pytest.mark.skipif(not FSDD.is_file(), reason="the FSDD archive is not beside the project")
+def test_fsdd_recipe_on_the_real_archive(tmp_path):
+    summary = fit(resolve(["recipe=audio_fsdd", f"data.root={FSDD}", "data.batch_size=4", *COMMON,
+                           f"output_dir={tmp_path}"]))
+    # FSDD's convention: index 0-4 of each of the 6 speakers x 10 digits is the test set.
+    assert summary["num_test"] == 300 and summary["num_labeled"] == 50 and summary["num_unlabeled"] == 2700
+
+
+@pytest.mark.skipif(not CIFAR.is_file(), reason="the CIFAR-10 archive is not beside the project")
+def test_cifar10_recipe_on_the_real_archive(tmp_path):
+    summary = fit(resolve(["recipe=image_cifar10", f"data.root={CIFAR}", "model.encoder=small_cnn", "data.batch_size=8",
+                           "data.mu=1", "data.test_subset=256", *COMMON, f"output_dir={tmp_path}"]))
+    assert summary["num_labeled"] == 250 and summary["num_unlabeled"] == 50000 and summary["num_test"] == 256
