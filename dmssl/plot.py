@@ -102,10 +102,12 @@ def draw_embeddings(ax: Any, path: Path, tsne: bool, title: str) -> None:
     import matplotlib.pyplot as plt
 
     colours = plt.get_cmap("tab10")
-    ax.scatter(xy[~labeled, 0], xy[~labeled, 1], s=6, alpha=0.35, c=[colours(t % 10) for t in targets[~labeled]],
-               label="unlabeled")
+    ax.scatter(xy[~labeled, 0], xy[~labeled, 1], s=6, alpha=0.35, c=[colours(t % 10) for t in targets[~labeled]])
     ax.scatter(xy[labeled, 0], xy[labeled, 1], s=40, edgecolors="black", linewidths=0.6,
-               c=[colours(t % 10) for t in targets[labeled]], label="labeled")
+               c=[colours(t % 10) for t in targets[labeled]])
+    # Grey legend markers: the colours mean classes, the marker kind means labeled or not.
+    ax.scatter([], [], s=6, c="grey", label="unlabeled")
+    ax.scatter([], [], s=40, c="grey", edgecolors="black", linewidths=0.6, label="labeled")
     ax.set(title=title, xticks=[], yticks=[])
 
 

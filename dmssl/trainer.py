@@ -287,8 +287,8 @@ def fit(cfg: Config) -> dict[str, Any]:
 
     # ==== the loop ====
     budget_seconds = cfg.trainer.max_minutes * 60 if cfg.trainer.max_minutes else math.inf
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
+    sums: dict[str, Any] = {}
+    counts: dict[str, Any] = {}
     last_accuracy = float("nan")
     last_train_logs: dict[str, float] = {}
     progress = make_progress_bar(accelerator, cfg, step)
@@ -316,18 +316,18 @@ def fit(cfg: Config) -> dict[str, Any]:
             optimizer.step()
             ema.update(unwrap(model, accelerator))
             step += 1
+            # Sums stay on the device until logging time: no host sync per term and step.
             for key, value in out.logs.items():  # NaN = undefined this step (e.g. no confident sample)
-                value = float(value)
-                counts.setdefault(key, 0)
-                if not math.isnan(value):
-                    sums[key] = sums.get(key, 0.0) + value
-                    counts[key] += 1
+                value = value.detach().float()
+                defined = ~torch.isnan(value)
+                sums[key] = sums.get(key, 0.0) + torch.where(defined, value, 0.0)
+                counts[key] = counts.get(key, 0.0) + defined.float()
 
             elapsed = elapsed_before + time.monotonic() - loop_started
             out_of_time = elapsed >= budget_seconds
             finished = step >= cfg.trainer.max_steps or out_of_time or stop.signal is not None
             if step % cfg.trainer.log_every == 0 or finished:
-                averages = {k: sums[k] / n if n else None for k, n in counts.items()}
+                averages = {k: float(sums[k]) / n if (n := float(counts[k])) else None for k in counts}
                 sums, counts = {}, {}
                 if cfg.trainer.log_with != "none":
                     accelerator.log({f"train/{k}": v for k, v in averages.items() if v is not None} | {"train/lr": lr},
