@@ -218,8 +218,7 @@ def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Measured {report['date']} on {report['machine']} (`python benchmarks/speed.py"
-             f"{' --quick' if report['quick'] else ''}`); medians after warm-up.", ""]
+    lines = [f"Measured {report['date']} on {report['machine']} (`{report['command']}`); medians after warm-up.", ""]
     a = report["objectives"]
     lines += [f"**(a) Step time per objective** ({a['encoder']}, {a['labeled']} labeled + {a['unlabeled']} unlabeled "
               "per step, random 32x32 images). *overhead* = step time / a plain encoder forward+backward on the same images.", "",
@@ -280,7 +279,8 @@ def main() -> int:
     encoder = adapter.build_encoder().to(DEVICE)
     labeled = images[: cfg.data.batch_size]
     encoder_fb = median_time(lambda: encoder(labeled).float().pow(2).mean().backward(), repeats)
-    report = {"date": date.today().isoformat(), "quick": args.quick, "sizes": sizes, "widths": widths,
+    report = {"date": date.today().isoformat(), "quick": args.quick,
+              "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "sizes": sizes, "widths": widths,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {DEVICE.type}"
                          + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""),
               "objectives": objectives, "encoder_fb_s": encoder_fb,
