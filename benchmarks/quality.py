@@ -82,7 +82,8 @@ def render(report: dict[str, Any]) -> str:
         best_dm = max(dm, key=lambda r: statistics.mean(r["accuracies"]))
         best_other = max(others, key=lambda r: statistics.mean(r["accuracies"]))
         verdict = "beats" if statistics.mean(best_dm["accuracies"]) > statistics.mean(best_other["accuracies"]) else "does **not** beat"
-        lines += ["", f"Best: {best['objective']} {best['distance'] or ''}. The best dmssl variant ({best_dm['distance']}) "
+        best_name = f"{best['objective']} {best['distance'] or ''}".strip()
+        lines += ["", f"Best: {best_name}. The best dmssl variant ({best_dm['distance']}) "
                   f"{verdict} the best baseline ({best_other['objective']}) here."]
     return "\n".join(lines) + "\n"
 
