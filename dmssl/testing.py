@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmssl.config import Config, DataConfig, ModelConfig, ObjectiveConfig
+from dmssl.config import Config, ObjectiveConfig
 from dmssl.data import seeded_rng
 from dmssl.modality import Modality, RawData
 from dmssl.model import SSLModel
@@ -269,11 +269,3 @@ def _check_learns(adapter: Modality, raw: RawData, samples: list, labels: list, 
 def _format(report: AdapterReport) -> str:
     lines = [f"{len(report.violations)} adapter check(s) failed:"] + [f"  - {v}" for v in report.violations]
     return "\n".join(lines)
-
-
-def default_config(options: Any = None, data: DataConfig | None = None, model: ModelConfig | None = None) -> Config:
-    """A Config for `check_adapter` when no recipe is at hand."""
-    from dmssl.config import ModalityConfig
-
-    return Config(modality=ModalityConfig(name="custom", options=options), data=data or DataConfig(),
-                  model=model or ModelConfig())
