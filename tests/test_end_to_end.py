@@ -131,9 +131,9 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
             f"output_dir={tmp_path}"]
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (tmp_path / "config.yaml").is_file():
+    # Wait until the loop runs (its first log line), so the signal reaches the loop's handler.
+    while time.time() < deadline and not (tmp_path / "train.jsonl").is_file():
         time.sleep(0.05)
-    time.sleep(3)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr[-1000:]
