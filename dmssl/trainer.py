@@ -263,7 +263,8 @@ def fit(cfg: Config) -> dict[str, Any]:
         keep_metric_lines_up_to(metrics_file, step)
         keep_metric_lines_up_to(train_log, step)
 
-    steps_data = StepDataset(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
+    labeled_samples, labeled_labels = [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx]
+    steps_data = StepDataset(adapter, labeled_samples, labeled_labels,
                              [s for s, _ in pool], [y for _, y in pool], cfg.data.batch_size, cfg.data.mu,
                              objective.unlabeled_views, cfg.trainer.max_steps, cfg.seed,
                              accelerator.process_index, accelerator.num_processes)
@@ -280,7 +281,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name, config=hparams)  # trackers accept scalars only
 
-    snapshot = EmbeddingSnapshot(adapter, [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx],
+    snapshot = EmbeddingSnapshot(adapter, labeled_samples, labeled_labels,
                                  pool, cfg.seed, cfg.data.eval_batch_size)
     if accelerator.is_main_process and cfg.trainer.save_embeddings and step == 0:
         snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / "step_00000000.npz")
