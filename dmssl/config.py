@@ -91,6 +91,9 @@ class ObjectiveConfig:
     name: Literal["supervised", "fixmatch", "sscl", "dmssl"] = "dmssl"
     pseudo_label_threshold: float = 0.95  # FixMatch's tau, on the weak view's class probabilities
     temperature: float = 0.1  # for prototype logits (z . p / T) and the contrastive loss
+    # Guards against pseudo-labels collapsing onto one class.
+    distribution_alignment: bool = False  # weak-view probs x uniform / running mean, then threshold
+    alignment_momentum: float = 0.999  # of the running mean of the weak-view predictions
     lambda_u: float = 1.0  # fixmatch: weight of the pseudo-label CE
     lambda_dm: float = 1.0  # dmssl: weight of the distribution-matching distance
     dm_views: Literal["weak", "strong", "both"] = "weak"  # unlabeled views matched to labeled
@@ -107,6 +110,8 @@ class ObjectiveConfig:
             )
         if self.temperature <= 0:
             raise ConfigError(f"objective.temperature={self.temperature} must be > 0")
+        if not 0.0 <= self.alignment_momentum < 1.0:
+            raise ConfigError(f"objective.alignment_momentum={self.alignment_momentum} must be in [0, 1)")
         for key in ("lambda_u", "lambda_dm", "prototype_anchor_weight", "unconfident_weight",
                     "labeled_ce_weight"):
             if getattr(self, key) < 0:

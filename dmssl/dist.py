@@ -51,3 +51,12 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     padded = torch.cat([tensor, tensor.new_zeros(longest - tensor.shape[0], *tensor.shape[1:])])
     parts = _GatherWithGrad.apply(padded)
     return torch.cat([part[: int(size.item())] for part, size in zip(parts, sizes, strict=True)])
+
+
+def mean_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The mean of `tensor` over all processes (itself in a single process); no gradient."""
+    if world_size() == 1:
+        return tensor
+    total = tensor.detach().clone()
+    torch_dist.all_reduce(total)
+    return total / world_size()

@@ -18,15 +18,26 @@ def prototype_logits(z: torch.Tensor, prototypes: torch.Tensor, temperature: flo
     return z @ prototypes.T / temperature
 
 
-def pseudo_labels(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pseudo_labels(logits: torch.Tensor, threshold: float,
+                  class_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """FixMatch's rule on (N, K) logits: (labels, confident mask, max probability), all without gradient.
 
     Gauffre et al.'s p = softmax(((S + 1) / 2) / 0.055) on cosine similarities S is the same as
-    softmax(S / 0.11), i.e. these logits with temperature 0.11.
+    softmax(S / 0.11), i.e. these logits with temperature 0.11. `class_weights` (K,), if given,
+    multiply the probabilities before they are renormalised (distribution alignment).
     """
     probs = logits.detach().float().softmax(dim=1)
+    if class_weights is not None:
+        probs = align_distribution(probs, class_weights)
     confidence, labels = probs.max(dim=1)
     return labels, confidence >= threshold, confidence
+
+
+def align_distribution(probs: torch.Tensor, class_weights: torch.Tensor) -> torch.Tensor:
+    """(N, K) probabilities times (K,) weights, renormalised per row (ReMixMatch's distribution alignment,
+    with weights = target class distribution / running mean of the model's predictions)."""
+    aligned = probs * class_weights.to(probs.device, probs.dtype)
+    return aligned / aligned.sum(dim=1, keepdim=True)
 
 
 def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

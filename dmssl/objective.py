@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmssl.config import ObjectiveConfig
-from dmssl.dist import gather_with_grad
+from dmssl.dist import gather_with_grad, mean_over_processes
 from dmssl.distances import Distance
 from dmssl.losses import masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
 from dmssl.registry import Registry
@@ -69,6 +69,8 @@ class Objective(nn.Module):
         self.num_classes = num_classes
         self.distance = distance
         self.seed = seed
+        # Running mean of the weak-view class probabilities; a buffer so that checkpoints carry it.
+        self.register_buffer("prediction_mean", torch.full((num_classes,), 1.0 / num_classes))
 
     def supervised_ce(self, emb: StepEmbeddings) -> torch.Tensor:
         return F.cross_entropy(prototype_logits(emb.labeled, emb.prototypes, self.cfg.temperature), emb.labels)
@@ -77,13 +79,25 @@ class Objective(nn.Module):
         """Pseudo-labels and confidence mask from the weak view, with mask rate and accuracy logs."""
         assert emb.weak is not None, "this objective needs the weak unlabeled view"
         logits = prototype_logits(emb.weak.detach(), emb.prototypes.detach(), self.cfg.temperature)
-        labels, mask, _ = pseudo_labels(logits, self.cfg.pseudo_label_threshold)
+        class_weights = self.update_alignment(logits) if self.cfg.distribution_alignment else None
+        labels, mask, _ = pseudo_labels(logits, self.cfg.pseudo_label_threshold, class_weights)
         logs = {"mask_rate": mask.float().mean()}
+        if class_weights is not None:
+            logs["prediction_max_share"] = self.prediction_mean.max()
         if emb.unlabeled_targets is not None:
             known = mask & (emb.unlabeled_targets >= 0)
             correct = (labels == emb.unlabeled_targets) & known
             logs["pseudo_label_accuracy"] = correct.sum() / known.sum() if known.any() else torch.tensor(float("nan"))
         return labels, mask, logs
+
+    @torch.no_grad()
+    def update_alignment(self, logits: torch.Tensor) -> torch.Tensor:
+        """Fold this step's mean prediction (over all processes) into the running mean; return the
+        class weights uniform / running mean."""
+        batch_mean = mean_over_processes(logits.float().softmax(dim=1).mean(dim=0))
+        m = self.cfg.alignment_momentum
+        self.prediction_mean = m * self.prediction_mean.to(batch_mean.device) + (1 - m) * batch_mean
+        return (1.0 / self.num_classes) / self.prediction_mean.clamp_min(1e-6)
 
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
         raise NotImplementedError

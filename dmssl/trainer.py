@@ -251,6 +251,7 @@ def fit(cfg: Config) -> dict[str, Any]:
             model.load_state_dict(state["model"])
             ema.load_state_dict(state["ema"])
             optimizer.load_state_dict(state["optimizer"])
+            objective.load_state_dict(state.get("objective", objective.state_dict()))
             torch.set_rng_state(state["rng"])
             step, elapsed_before = int(state["step"]), float(state["elapsed_seconds"])
             if state["labeled_indices"] != labeled_idx:
@@ -347,7 +348,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if cfg.trainer.log_with != "none":
                     accelerator.log({"eval/test_accuracy": last_accuracy}, step=step)
             if step % cfg.trainer.checkpoint_every == 0 or finished:
-                save_training_state(accelerator, checkpoints, step, model, ema, optimizer, labeled_idx, elapsed, cfg)
+                save_training_state(accelerator, checkpoints, step, model, ema, optimizer, objective, labeled_idx, elapsed, cfg)
             progress.update(1)
             if finished:
                 stop_reason = ("signal" if stop.signal is not None else "max_minutes" if out_of_time else "max_steps")
@@ -436,7 +437,7 @@ def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], m
 
 
 def save_training_state(accelerator: Accelerator, folder: Path, step: int, model: nn.Module, ema: EMA,
-                        optimizer: torch.optim.Optimizer, labeled_idx: list[int], elapsed: float, cfg: Config) -> None:
+                        optimizer: torch.optim.Optimizer, objective: nn.Module, labeled_idx: list[int], elapsed: float, cfg: Config) -> None:
     if not accelerator.is_main_process:
         return
     state = {
@@ -444,6 +445,7 @@ def save_training_state(accelerator: Accelerator, folder: Path, step: int, model
         "model": unwrap(model, accelerator).state_dict(),
         "ema": ema.state_dict(),
         "optimizer": optimizer.state_dict(),
+        "objective": objective.state_dict(),
         "rng": torch.get_rng_state(),
         "elapsed_seconds": elapsed,
         "labeled_indices": labeled_idx,

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dmssl.config import ObjectiveConfig
 from dmssl.distances import build_distance
-from dmssl.losses import masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
+from dmssl.losses import align_distribution, masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
 from dmssl.objective import StepEmbeddings, build_objective
 
 
@@ -124,3 +124,33 @@ def test_fixmatch__no_confident_samples_means_no_unlabeled_loss():
     out = build_objective(ObjectiveConfig(name="fixmatch"), 3, None)(emb, 0)
     assert float(out.logs["mask_rate"]) == 0.0
     assert float(out.logs["loss_unlabeled"]) == 0.0
+
+
+def test_align_distribution__reweights_and_renormalises():
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4]])
+    aligned = align_distribution(probs, torch.tensor([0.5 / 0.75, 0.5 / 0.25]))
+    expected = torch.tensor([[0.9 / 0.75, 0.1 / 0.25], [0.6 / 0.75, 0.4 / 0.25]])
+    assert torch.allclose(aligned, expected / expected.sum(dim=1, keepdim=True))
+
+
+def test_distribution_alignment__breaks_a_collapse_onto_one_class():
+    # Synthetic: every unlabeled sample sits nearer prototype 0 (p ~ 0.98 at T=0.1): without
+    # alignment all are confidently class 0; with it the running mean learns the skew and the
+    # class-0 pseudo-labels lose their confidence.
+    prototypes = torch.eye(2, 4)
+    weak = F.normalize(torch.tensor([[1.0, 0.6, 0.0, 0.0]]).repeat(8, 1) + 0.01 * torch.randn(8, 4), dim=1)
+    emb = StepEmbeddings(labeled=prototypes.clone(), labels=torch.arange(2), prototypes=prototypes, weak=weak,
+                         strong=[weak, weak], unlabeled_targets=torch.arange(8) % 2)
+    plain = build_objective(ObjectiveConfig(name="fixmatch"), 2, None)
+    assert float(plain(emb, 0).logs["mask_rate"]) == 1.0
+    aligned = build_objective(ObjectiveConfig(name="fixmatch", distribution_alignment=True, alignment_momentum=0.5), 2, None)
+    rates = [float(aligned(emb, step).logs["mask_rate"]) for step in range(10)]
+    assert rates[-1] == 0.0
+    assert float(aligned.prediction_mean[0]) > 0.9
+    assert "prediction_max_share" in aligned(emb, 10).logs
+
+
+def test_distribution_alignment__off_leaves_the_running_mean_untouched():
+    objective = build_objective(ObjectiveConfig(name="sscl"), 3, None)
+    objective(embeddings(confident=True), 0)
+    assert torch.allclose(objective.prediction_mean, torch.full((3,), 1 / 3))
