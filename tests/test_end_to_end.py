@@ -107,20 +107,16 @@ def test_resume__corrupt_newest_checkpoint_falls_back(tmp_path):
     assert summary["steps"] == 8
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_with_torchrun(tmp_path):
     # Two CPU processes (gloo): one run folder, written once, every test sample counted once.
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), "train.py", *FAST,
-                             "trainer.max_steps=6", "trainer.eval_every=3", f"output_dir={tmp_path}"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # --standalone lets the rendezvous bind a free port itself: a port chosen here could be taken
+    # before torchrun binds it, and then the rendezvous waits instead of failing.
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
+               *FAST, "trainer.max_steps=6", "trainer.eval_every=3", f"output_dir={tmp_path}"]
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not finish in 300 s; stderr tail: {str(error.stderr)[-2000:]}")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 6
