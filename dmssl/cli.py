@@ -6,6 +6,7 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 
@@ -36,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*pin_memory.*")
             fit(cfg)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Everything is written and the process group is gone. Freeing DDP's reducer at interpreter
+            # exit can deadlock (its gloo group joins a worker thread that waits for the GIL), so a
+            # process of a multi-process run leaves without running destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return err.exit_code
