@@ -386,8 +386,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         if cfg.trainer.save_embeddings:
             snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / f"step_{step:08d}.npz")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    # end_training destroys the process group; a gloo group destroyed by one process while the main
-    # one is still writing sometimes hangs the latter at exit, so all arrive here first.
+    # end_training destroys the process group: no process tears it down while the main one still writes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     accelerator.print(f"test_accuracy={summary['test_accuracy']:.4f} steps={step} "
