@@ -6,8 +6,9 @@
     the encoder on the same inputs (the SSL overhead), and the matching term's share of a dmssl step;
 (b) each distance's time (forward+backward) and peak memory for n = 64 ... 4096 embeddings per side,
     as a fraction of one encoder forward+backward on a labeled batch;
-(c) data loading: the time one worker needs to build a training step (views + collate) vs the time
-    the training step takes, per adapter on its real data (when the paths are given).
+(c) data loading: the time one worker (one thread, as in a DataLoader worker) needs to build a
+    training step (views + collate) vs the time the training step takes, per adapter on its real data
+    (when the paths are given).
 
 Timings: median of repeated runs after warm-up, on whatever device is present (CUDA synchronised).
 Inputs for (a) and (b) are random tensors of the right shapes (timing does not depend on content).
@@ -193,7 +194,14 @@ def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
                         raw.train, [max(-1, y) for y in raw.train_labels], cfg.data.batch_size, cfg.data.mu, views,
                         10_000, 0)
     counter = iter(range(10_000))
-    t_build = median_time(lambda: steps[next(counter)], repeats, warmup=1)
+    # DataLoader workers run with one intra-op thread; timing the build with the main process's threads
+    # would add thread overhead on tiny per-sample tensors that a worker never pays.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t_build = median_time(lambda: steps[next(counter)], repeats, warmup=1)
+    finally:
+        torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = SSLModel(adapter.build_encoder(), raw.num_classes).to(DEVICE)
     objective = build_objective(cfg.objective, raw.num_classes, build_distance(cfg.distance.name, **cfg.distance.options()))
@@ -241,7 +249,7 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(f"{match[0]['fraction_of_encoder_fb']:.3f} ({match[0]['peak_bytes'] / 2**20:.1f} MiB)"
                              if match else "-")
             lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
-    lines += ["", "**(c) Data loading vs training step** (one worker building a whole step: views + collate, real data). "
+    lines += ["", "**(c) Data loading vs training step** (one worker, one thread, building a whole step: views + collate, real data). "
               "*workers needed* = build time / step time: the loader keeps up when `data.num_workers` is at least that.", "",
               "| recipe | samples per step | build (s) | step (s) | workers needed | default workers |", "|---|---|---|---|---|---|"]
     for r in report["loading"]:

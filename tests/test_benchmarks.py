@@ -24,3 +24,23 @@ def test_peak_memory__sees_a_large_allocation():
     import torch
 
     assert peak_memory(lambda: torch.ones(1024, 1024).sum()) >= 4 * 1024 * 1024
+
+
+def test_loader_vs_step__times_the_build_in_one_thread_and_restores_the_thread_count(monkeypatch):
+    import torch
+
+    import benchmarks.speed as speed
+
+    seen = []
+    real_median_time = speed.median_time
+
+    def recording_median_time(fn, repeats, warmup=2):
+        seen.append(torch.get_num_threads())
+        return real_median_time(fn, 1, warmup=0)
+
+    monkeypatch.setattr(speed, "median_time", recording_median_time)
+    torch.set_num_threads(2)
+    report = speed.loader_vs_step(["recipe=quickstart", "data.batch_size=4", "data.mu=2"], repeats=1)
+    assert seen[0] == 1  # the build, as a DataLoader worker runs it
+    assert seen[1] == 2 and torch.get_num_threads() == 2  # the step, with the process's threads
+    assert report["build_s"] > 0 and report["workers_needed"] == report["build_s"] / report["step_s"]
