@@ -5,6 +5,9 @@
     python benchmarks/quality.py fsdd --data ../shared/data/fsdd/fsdd-recordings.tar.gz --minutes 15
     python benchmarks/quality.py imdb --data ../shared/data/imdb --minutes 20
     # on a GPU, the full protocol: e.g. cifar10 --steps 1048576 --extra model.encoder=wrn28_2
+    # an ablation: some cells, extra overrides, its own runs folder
+    python benchmarks/quality.py fsdd --data PATH --steps 500 --cells dmssl:mmd \
+        --extra objective.dm_warmup_steps=250 --runs runs/quality-warmup
 
 Every cell is a `train.py` run (a subprocess) under the same budget; finished runs are reused (their
 summary.json), so an interrupted grid continues where it stopped. Raw results go to a JSON file, the
@@ -36,6 +39,16 @@ PRESETS: dict[str, list[str]] = {
 }
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
          ("dmssl", "wasserstein")]
+
+
+def parse_cell(text: str) -> tuple[str, str | None]:
+    """'sscl' -> ('sscl', None); 'dmssl:mmd' -> ('dmssl', 'mmd'); only cells of the full grid."""
+    objective, _, distance = text.partition(":")
+    cell = (objective, distance or None)
+    if cell not in CELLS:
+        allowed = ", ".join(f"{o}:{d}" if d else o for o, d in CELLS)
+        raise argparse.ArgumentTypeError(f"unknown cell {text!r}; allowed: {allowed}")
+    return cell
 
 
 def run_cell(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> dict[str, Any]:
@@ -95,12 +108,15 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, help="trainer.max_steps of every run")
     parser.add_argument("--minutes", type=float, help="trainer.max_minutes of every run")
-    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run")
+    parser.add_argument("--cells", nargs="+", type=parse_cell, default=CELLS, metavar="OBJECTIVE[:DISTANCE]",
+                        help="the grid's rows (default: all six), e.g. sscl dmssl:mmd")
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run "
+                        "(runs are reused by cell and seed: give each set of extras its own --runs folder)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
     args = parser.parse_args()
     rows = []
-    for objective, distance in CELLS:
+    for objective, distance in args.cells:
         summaries = [run_cell(args, objective, distance, seed) for seed in args.seeds]
         rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in summaries],
                      "steps": [s["steps"] for s in summaries]})

@@ -44,3 +44,18 @@ def test_loader_vs_step__times_the_build_in_one_thread_and_restores_the_thread_c
     assert seen[0] == 1  # the build, as a DataLoader worker runs it
     assert seen[1] == 2 and torch.get_num_threads() == 2  # the step, with the process's threads
     assert report["build_s"] > 0 and report["workers_needed"] == report["build_s"] / report["step_s"]
+
+
+def test_parse_cell__accepts_grid_cells_and_names_the_allowed_ones():
+    import argparse
+
+    import pytest
+
+    from benchmarks.quality import parse_cell
+
+    assert parse_cell("sscl") == ("sscl", None)
+    assert parse_cell("dmssl:wasserstein") == ("dmssl", "wasserstein")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown cell 'dmssl:l2'.*dmssl:mmd"):
+        parse_cell("dmssl:l2")
+    with pytest.raises(argparse.ArgumentTypeError, match="unknown cell 'dmssl'"):
+        parse_cell("dmssl")  # dmssl needs its distance
