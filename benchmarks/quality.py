@@ -9,8 +9,9 @@
     python benchmarks/quality.py fsdd --data PATH --steps 500 --cells dmssl:mmd \
         --extra objective.dm_warmup_steps=250 --runs runs/quality-warmup
 
-Every cell is a `train.py` run (a subprocess) under the same budget; finished runs are reused (their
-summary.json), so an interrupted grid continues where it stopped. Raw results go to a JSON file, the
+Every cell is a `train.py` run (a subprocess) under the same budget; a finished run whose config.yaml
+equals the cell's resolved config is reused (its summary.json), so an interrupted grid continues where it
+stopped and a changed budget reruns the cell. Raw results go to a JSON file, the
 table to stdout and, with --write, into the `quality-<modality>` section of a markdown file.
 """
 
@@ -29,7 +30,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import yaml  # noqa: E402
+
 from benchmarks.speed import write_section  # noqa: E402
+from dmssl.config import config_to_dict, resolve  # noqa: E402
 
 PRESETS: dict[str, list[str]] = {
     "digits": ["recipe=quickstart"],
@@ -51,11 +55,18 @@ def parse_cell(text: str) -> tuple[str, str | None]:
     return cell
 
 
+def finished_with_same_config(run_dir: Path, overrides: list[str]) -> bool:
+    """A finished run is reused only if these overrides resolve to the config it ran with, so that a grid
+    with another budget or other extras never picks up stale results from the same folder."""
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.yaml").is_file():
+        return False
+    wanted = config_to_dict(resolve(overrides))
+    return yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) == wanted
+
+
 def run_cell(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> dict[str, Any]:
     name = f"{objective}-{distance}-s{seed}" if distance else f"{objective}-s{seed}"
     out = args.runs / args.modality / name
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
     command = [sys.executable, str(ROOT / "train.py"), *PRESETS[args.modality], f"objective.name={objective}",
                f"seed={seed}", f"output_dir={out}", "overwrite=true", "trainer.progress_bar=false",
                "trainer.save_embeddings=false"]
@@ -70,6 +81,8 @@ def run_cell(args: argparse.Namespace, objective: str, distance: str | None, see
     if args.minutes:
         command += [f"trainer.max_minutes={args.minutes}"] + ([] if args.steps else ["trainer.max_steps=100000000"])
     command += args.extra
+    if finished_with_same_config(out, command[2:]):
+        return json.loads((out / "summary.json").read_text())
     print("+", " ".join(command[1:]), flush=True)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -111,7 +124,8 @@ def main() -> int:
     parser.add_argument("--cells", nargs="+", type=parse_cell, default=CELLS, metavar="OBJECTIVE[:DISTANCE]",
                         help="the grid's rows (default: all six), e.g. sscl dmssl:mmd")
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run "
-                        "(runs are reused by cell and seed: give each set of extras its own --runs folder)")
+                        "(a cell whose finished run has another config reruns in place: give each set of extras its own "
+                        "--runs folder to keep both)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
     args = parser.parse_args()

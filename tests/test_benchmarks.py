@@ -59,3 +59,18 @@ def test_parse_cell__accepts_grid_cells_and_names_the_allowed_ones():
         parse_cell("dmssl:l2")
     with pytest.raises(argparse.ArgumentTypeError, match="unknown cell 'dmssl'"):
         parse_cell("dmssl")  # dmssl needs its distance
+
+
+def test_finished_with_same_config__reuses_only_a_run_with_the_cells_config(tmp_path):
+    import yaml
+
+    from benchmarks.quality import finished_with_same_config
+    from dmssl.config import config_to_dict, resolve
+
+    overrides = ["recipe=quickstart", "objective.name=sscl", "trainer.max_steps=300", f"output_dir={tmp_path}"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(resolve(overrides)), sort_keys=False))
+    assert not finished_with_same_config(tmp_path, overrides)  # not finished: no summary.json
+    (tmp_path / "summary.json").write_text('{"test_accuracy": 0.5, "steps": 300}')
+    assert finished_with_same_config(tmp_path, overrides)
+    assert not finished_with_same_config(tmp_path, overrides[:-2] + ["trainer.max_steps=600", overrides[-1]])
+    assert not finished_with_same_config(tmp_path, overrides + ["objective.dm_warmup_steps=100"])
