@@ -136,7 +136,7 @@ def main() -> int:
                      "steps": [s["steps"] for s in summaries]})
     import torch
 
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} threads"
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s) per run"
     report = {"modality": args.modality, "rows": rows, "seeds": args.seeds, "steps": args.steps, "minutes": args.minutes,
               "date": date.today().isoformat(), "machine": f"{platform.machine()} {device}",
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
