@@ -107,16 +107,35 @@ def test_resume__corrupt_newest_checkpoint_falls_back(tmp_path):
     assert summary["steps"] == 8
 
 
+def run_or_dump_stacks(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; if it hangs, fail with every process's Python stacks.
+
+    SIGABRT makes faulthandler (PYTHONFAULTHANDLER=1) print each process's threads before it dies,
+    so a rare hang reports where it waited instead of only that it timed out.
+    """
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            _, stderr = process.communicate()
+        pytest.fail(f"{command[2:5]} did not finish in {timeout:.0f} s; stacks and stderr: {stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 def test_two_processes_with_torchrun(tmp_path):
     # Two CPU processes (gloo): one run folder, written once, every test sample counted once.
     # --standalone lets the rendezvous bind a free port itself: a port chosen here could be taken
     # before torchrun binds it, and then the rendezvous waits instead of failing.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                *FAST, "trainer.max_steps=6", "trainer.eval_every=3", f"output_dir={tmp_path}"]
-    try:
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as error:
-        pytest.fail(f"torchrun did not finish in 300 s; stderr tail: {str(error.stderr)[-2000:]}")
+    result = run_or_dump_stacks(command, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 6
