@@ -39,10 +39,14 @@ def test_loader_vs_step__times_the_build_in_one_thread_and_restores_the_thread_c
         return real_median_time(fn, 1, warmup=0)
 
     monkeypatch.setattr(speed, "median_time", recording_median_time)
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
-    report = speed.loader_vs_step(["recipe=quickstart", "data.batch_size=4", "data.mu=2"], repeats=1)
-    assert seen[0] == 1  # the build, as a DataLoader worker runs it
-    assert seen[1] == 2 and torch.get_num_threads() == 2  # the step, with the process's threads
+    try:
+        report = speed.loader_vs_step(["recipe=quickstart", "data.batch_size=4", "data.mu=2"], repeats=1)
+        assert seen[0] == 1  # the build, as a DataLoader worker runs it
+        assert seen[1] == 2 and torch.get_num_threads() == 2  # the step, with the process's threads
+    finally:
+        torch.set_num_threads(before)
     assert report["build_s"] > 0 and report["workers_needed"] == report["build_s"] / report["step_s"]
 
 

@@ -125,7 +125,7 @@ def run_or_dump_stacks(command: list[str], timeout: float) -> subprocess.Complet
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             _, stderr = process.communicate()
-        pytest.fail(f"{command[2:5]} did not finish in {timeout:.0f} s; stacks and stderr: {stderr[-8000:]}")
+        pytest.fail(f"{' '.join(command[1:6])} ... did not finish in {timeout:.0f} s; stacks and stderr: {stderr[-8000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
