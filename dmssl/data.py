@@ -108,10 +108,11 @@ class StepDataset(Dataset):
         unlabeled_idx = (self.unlabeled_stream.take(slot * self.unlabeled_batch, self.unlabeled_batch)
                          if self.unlabeled_stream else [])
         with seeded_rng(self.seed * 1_000_003 + slot):
-            views = [self.modality.weak(self.labeled[i]) for i in labeled_idx]
+            views = self.modality.weak_views([self.labeled[i] for i in labeled_idx])
+            unlabeled = [self.unlabeled[i] for i in unlabeled_idx]
             for view in self.unlabeled_views:
-                make = self.modality.weak if view == "weak" else self.modality.strong
-                views.extend(make(self.unlabeled[i]) for i in unlabeled_idx)
+                make = self.modality.weak_views if view == "weak" else self.modality.strong_views
+                views.extend(make(unlabeled))
         return {
             "inputs": self.modality.collate(views),
             "labels": torch.tensor([self.labels[i] for i in labeled_idx], dtype=torch.long),

@@ -18,6 +18,7 @@ A new modality is one file:
         def strong(self, sample): ...   -> a heavily augmented copy
         def collate(self, views): ...   -> Tensor or dict of Tensors, batch first
         def build_encoder(self): ...    -> nn.Module with `feature_dim`, (batch) -> (B, feature_dim)
+        # optional: weak_views(samples) / strong_views(samples), vectorised views of many samples
 
 and runs with `python train.py recipe=my.yaml modality.name=my_package.sensor:SensorModality`.
 `dmssl.testing.check_adapter` tells an author what their adapter gets wrong.
@@ -66,7 +67,8 @@ class RawData:
 class Modality(ABC):
     """Base class of modality adapters.
 
-    Views (`weak`, `strong`, `test_view`) run in DataLoader workers, one sample at a time, and must
+    Views (`weak`, `strong`, `test_view`) run in DataLoader workers, one sample at a time (or a
+    step's samples at once through `weak_views` / `strong_views`, where an adapter vectorises), and must
     draw their randomness from torch's global RNG (or Python's `random`): the core seeds both before
     building each training step, which makes views reproducible and runs resumable. A view must keep
     the label of its sample. `collate` receives every view of a training step at once (labeled and
@@ -98,6 +100,20 @@ class Modality(ABC):
     @abstractmethod
     def strong(self, sample: Any) -> Any:
         """A heavily augmented view of one sample (RandAugment-like)."""
+
+    def weak_views(self, samples: Sequence[Any]) -> list[Any]:
+        """Weak views of many samples, in order; the core builds every training step with this.
+
+        The default calls `weak` once per sample. Override it where a batch of samples can be
+        augmented in a few vectorised ops (the image adapter does: per-image transforms on small
+        images cost more in Python overhead than in arithmetic). An override must draw the same
+        kind of views, from the same global RNGs, as `weak` does.
+        """
+        return [self.weak(sample) for sample in samples]
+
+    def strong_views(self, samples: Sequence[Any]) -> list[Any]:
+        """Strong views of many samples, in order; see `weak_views`."""
+        return [self.strong(sample) for sample in samples]
 
     def test_view(self, sample: Any) -> Any:
         """The view used for evaluation; no randomness."""

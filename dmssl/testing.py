@@ -73,6 +73,12 @@ def batch_size_of(batch: Any) -> set[int]:
     return {-1}
 
 
+# A view that swaps in another sample scores about 50% or less; real views of the shipped adapters
+# score 70-100% under a random encoder (8x8 digits are the hardest case), on 64 pairs.
+LABEL_CHECK_PAIRS = 64
+LABEL_CHECK_THRESHOLD = 0.6
+
+
 def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None, num_samples: int = 16,
                   seed: int = 0) -> AdapterReport:
     """Run every conformance check on `adapter` (an instance, or a class built from `cfg`).
@@ -127,6 +133,18 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
         other = [adapter.strong(s) for s in samples]
     check("strong view is random", not all(same(a, b) for a, b in zip(one, other, strict=True)),
           "strong() returned the same output under different seeds; it should augment randomly")
+    # Training steps are built with the batched hooks (per-sample by default, vectorised where overridden).
+    for name in ("weak_views", "strong_views"):
+        many = getattr(adapter, name)
+        with seeded_rng(seed):
+            first = many(samples)
+        with seeded_rng(seed):
+            second = many(samples)
+        if check(f"{name} gives one view per sample", isinstance(first, list) and len(first) == len(samples),
+                 f"{name}() of {len(samples)} samples returned {type(first).__name__} of length "
+                 f"{len(first) if hasattr(first, '__len__') else '?'}; return a list with one view per sample, in order"):
+            check(f"{name} is deterministic under a fixed seed", all(same(a, b) for a, b in zip(first, second, strict=True)),
+                  f"{name}() gave different outputs under the same seed; draw randomness only from torch's global RNG")
 
     # ---- collate keeps every sample (mixed lengths included)
     with seeded_rng(seed):
@@ -141,9 +159,10 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
           f"collate() of {len(views)} views gave batch sizes {sorted(batch_size_of(batch))}; return a tensor or a dict of "
           "tensors whose first dimension is the number of views (pad, do not drop or merge samples)")
 
-    # ---- encoder
+    # ---- encoder (seeded, so that the checks judged by its features give the same verdict every run)
     try:
-        encoder = adapter.build_encoder()
+        with seeded_rng(seed):
+            encoder = adapter.build_encoder()
     except Exception as err:
         check("build_encoder", False, f"build_encoder() raised {type(err).__name__}: {err}")
         raise AdapterCheckError(_format(report)) from err
@@ -216,24 +235,29 @@ def _check_label_preserving(adapter: Modality, encoder: torch.nn.Module, samples
     for i, y in enumerate(raw.train_labels):
         if y >= 0:
             by_class.setdefault(y, []).append(i)
-    triples = []
-    for sample, y in zip(samples, labels, strict=True):
+    # More pairs than the other checks use: a random encoder judges similarity noisily, and the
+    # verdict should rest on the views, not on which few samples were drawn.
+    extra = [i for i in torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(seed + 1)).tolist()
+             if raw.train_labels[i] >= 0][:max(0, LABEL_CHECK_PAIRS - len(samples))]
+    pairs = []
+    for sample, y in [*zip(samples, labels, strict=True), *((raw.train[i], raw.train_labels[i]) for i in extra)]:
         others = [c for c in by_class if c != y]
         if y < 0 or not others:
             continue
-        triples.append((sample, raw.train[rng.choice(by_class[rng.choice(others)])]))
-    if not triples:
+        pairs.append((sample, raw.train[rng.choice(by_class[rng.choice(others)])]))
+    if not pairs:
         return
+    own = _embed(encoder, adapter, [adapter.test_view(s) for s, _ in pairs])
+    foreign = _embed(encoder, adapter, [adapter.test_view(o) for _, o in pairs])
     for name in ("weak", "strong"):
         with seeded_rng(seed):
-            views = [getattr(adapter, name)(s) for s, _ in triples]
-        own = _embed(encoder, adapter, [adapter.test_view(s) for s, _ in triples])
-        foreign = _embed(encoder, adapter, [adapter.test_view(o) for _, o in triples])
+            views = getattr(adapter, f"{name}_views")([s for s, _ in pairs])
         z = _embed(encoder, adapter, views)
         closer = ((z * own).sum(1) > (z * foreign).sum(1)).float().mean().item()
-        check(f"{name} view keeps the label", closer >= 0.75,
-              f"only {closer:.0%} of {name} views are closer to their own sample than to a sample of another class "
-              "(at least 75% expected); a view must transform its sample, not replace it with another one")
+        check(f"{name} view keeps the label", closer >= LABEL_CHECK_THRESHOLD,
+              f"only {closer:.0%} of {len(pairs)} {name} views are closer to their own sample than to a sample of another "
+              f"class (at least {LABEL_CHECK_THRESHOLD:.0%} expected); a view must transform its sample, not replace it "
+              "with another one")
 
 
 def _check_learns(adapter: Modality, raw: RawData, samples: list, labels: list, check: Any, seed: int) -> None:

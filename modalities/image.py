@@ -2,7 +2,8 @@
 
 Samples are uint8 tensors (C, H, W); the encoder converts to float on the training device, so
 workers move bytes, not floats. Views follow FixMatch: weak = horizontal flip + reflect-pad-and-crop;
-strong = weak + RandAugment + Cutout (torchvision's RandAugment; Cutout is a grey square).
+strong = weak + RandAugment + Cutout (a grey square). The core builds a step's views
+with `weak_views`/`strong_views`, which run each transform once on the whole batch (image_augment.py).
 
 Data sources (`data.dataset`):
     cifar10, cifar100   torchvision's datasets (downloaded to data.cache_dir where the internet is
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.transforms import v2
 
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import cache_file, file_identity, iter_data_files, write_npz_atomic
 from dmssl.modality import Modality, RawData
+from modalities.image_augment import cutout, rand_augment, random_crop, random_hflip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -66,7 +68,6 @@ class ImageModality(Modality):
     def __init__(self, options: ImageOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or ImageOptions(), data, model)
         self.in_channels = 3
-        self._build_views(size=None)
 
     # ---------------------------------------------------------------- data
 
@@ -85,34 +86,42 @@ class ImageModality(Modality):
             raise ConfigError(f"data.dataset={source!r} is not an image source; allowed: cifar10, cifar100, folder, digits")
         first = raw.train[0]
         self.in_channels = int(first.shape[0])
-        self._build_views(size=int(first.shape[-1]))
         return raw
 
     # ---------------------------------------------------------------- views
 
-    def _build_views(self, size: int | None) -> None:
-        self.size = size
-        opts = self.options
-        weak: list[Any] = [v2.RandomHorizontalFlip()] if opts.hflip else []
-        if size is not None and opts.pad_fraction > 0:
-            weak.append(v2.RandomCrop(size, padding=max(1, round(size * opts.pad_fraction)), padding_mode="reflect"))
-        self._weak = v2.Compose(weak) if weak else nn.Identity()
-        strong = [v2.RandAugment(num_ops=opts.randaugment_ops, magnitude=opts.randaugment_magnitude)] if opts.randaugment_ops else []
-        self._strong = v2.Compose(strong) if strong else nn.Identity()
-
     def weak(self, sample: torch.Tensor) -> torch.Tensor:
         """Flip (if modality.hflip) and reflect-pad-and-crop."""
-        self._ensure_size(sample)
-        return self._weak(sample)
+        return self.weak_views([sample])[0]
 
     def strong(self, sample: torch.Tensor) -> torch.Tensor:
         """The weak view, then RandAugment, then Cutout."""
-        image = self._strong(self.weak(sample))
-        return cutout(image, self.options.cutout_fraction)
+        return self.strong_views([sample])[0]
 
-    def _ensure_size(self, sample: torch.Tensor) -> None:
-        if self.size != sample.shape[-1]:  # views used before load(), e.g. by a conformance check
-            self._build_views(size=int(sample.shape[-1]))
+    def weak_views(self, samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Weak views of a whole step's images in a few batched tensor ops (see image_augment)."""
+        return self._per_size(samples, self._weak_batch)
+
+    def strong_views(self, samples: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self._per_size(samples, self._strong_batch)
+
+    def _weak_batch(self, images: torch.Tensor) -> torch.Tensor:
+        if self.options.hflip:
+            images = random_hflip(images)
+        padding = max(1, round(images.shape[-1] * self.options.pad_fraction)) if self.options.pad_fraction > 0 else 0
+        return random_crop(images, padding)
+
+    def _strong_batch(self, images: torch.Tensor) -> torch.Tensor:
+        opts = self.options
+        images = rand_augment(self._weak_batch(images), opts.randaugment_ops, opts.randaugment_magnitude)
+        return cutout(images, opts.cutout_fraction)
+
+    @staticmethod
+    def _per_size(samples: Sequence[torch.Tensor], transform: Any) -> list[torch.Tensor]:
+        # Loaded data has one size; samples handed in from elsewhere may not, so batch per size.
+        if len({tuple(s.shape) for s in samples}) <= 1:
+            return list(transform(torch.stack(list(samples))).unbind(0)) if len(samples) else []
+        return [transform(s[None])[0] for s in samples]
 
     def collate(self, views: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(views)
@@ -128,20 +137,6 @@ class ImageModality(Modality):
         if self.model.width is not None:
             kwargs["width"] = self.model.width
         return factories[name](**kwargs)
-
-
-def cutout(image: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Grey out one random square of side `fraction * size`, centred anywhere (DeVries & Taylor, 2017)."""
-    if fraction <= 0:
-        return image
-    _, h, w = image.shape
-    side = max(1, int(round(fraction * min(h, w))))
-    cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-    y0, y1 = max(0, cy - side // 2), min(h, cy + side - side // 2)
-    x0, x1 = max(0, cx - side // 2), min(w, cx + side - side // 2)
-    image = image.clone()
-    image[:, y0:y1, x0:x1] = 127
-    return image
 
 
 # ---------------------------------------------------------------- loaders

@@ -1,0 +1,142 @@
+"""Batched image views: each transform does per image what its definition says, and RandAugment's
+operations equal torchvision's. Images here are synthetic random bytes unless stated."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torchvision.transforms import v2
+
+from dmssl.config import resolve
+from dmssl.data import StepDataset, seeded_rng
+from modalities.image import ImageModality
+from modalities.image_augment import RANDAUGMENT_OPERATIONS, cutout, rand_augment, random_crop, random_hflip
+
+
+def random_images(n=24, c=3, size=16, seed=0):
+    return torch.randint(0, 256, (n, c, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_random_hflip__mirrors_some_images_and_keeps_the_rest():
+    images = random_images()
+    torch.manual_seed(0)
+    out = random_hflip(images)
+    flipped = [torch.equal(o, x.flip(-1)) for o, x in zip(out, images, strict=True)]
+    kept = [torch.equal(o, x) for o, x in zip(out, images, strict=True)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 0 < sum(flipped) < len(images)
+
+
+def test_random_crop__every_image_is_a_window_of_its_reflect_padded_self():
+    images, padding = random_images(size=8), 2
+    torch.manual_seed(0)
+    out = random_crop(images, padding)
+    padded = F.pad(images, (padding,) * 4, mode="reflect")
+    offsets = set()
+    for o, p in zip(out, padded, strict=True):
+        windows = [(y, x) for y in range(2 * padding + 1) for x in range(2 * padding + 1)
+                   if torch.equal(o, p[:, y:y + 8, x:x + 8])]
+        assert windows, "a crop that is no window of the padded image"
+        offsets.add(windows[0])
+    assert len(offsets) > 3  # offsets are drawn per image, not once for the batch
+
+
+def test_cutout__greys_one_square_per_image_and_nothing_else():
+    images = random_images(n=32, size=16) | 1  # odd bytes, so no pixel is 127 before the cutout
+    torch.manual_seed(0)
+    out = cutout(images, 0.25)
+    for o, x in zip(out, images, strict=True):
+        grey = (o != x).any(0)
+        rows, cols = grey.any(1).nonzero().squeeze(1), grey.any(0).nonzero().squeeze(1)
+        assert (o[:, grey] == 127).all()
+        assert grey.sum() == len(rows) * len(cols)  # one rectangle
+        assert len(rows) <= 4 and len(cols) <= 4  # side 0.25 * 16, clipped at the border
+    assert len({tuple((o != x).any(0).nonzero()[0].tolist()) for o, x in zip(out, images, strict=True)}) > 5
+
+
+@pytest.mark.parametrize("name", list(RANDAUGMENT_OPERATIONS))
+def test_randaugment_operation__equals_torchvisions_on_every_image_of_a_batch(name):
+    operation, table, signed = RANDAUGMENT_OPERATIONS[name]
+    reference_table, reference_signed = v2.RandAugment._AUGMENTATION_SPACE[name]
+    assert signed == reference_signed
+    reference = v2.RandAugment()
+    images = random_images(n=6, size=32)
+    for magnitude in (9, 30):
+        value = float(table(32, 32)[magnitude]) if table is not None else 0.0
+        assert value == (float(reference_table(31, 32, 32)[magnitude]) if table is not None else 0.0)
+        for sign in (1.0, -1.0) if signed else (1.0,):
+            expected = torch.stack([
+                reference._apply_image_or_video_transform(x, name, sign * value, interpolation=reference.interpolation,
+                                                           fill=reference._fill) for x in images])
+            assert torch.equal(operation(images, sign * value), expected)
+
+
+def test_rand_augment__each_image_gets_one_whole_operation_of_the_table():
+    images = random_images(n=64, size=16)
+    torch.manual_seed(0)
+    out = rand_augment(images, num_ops=1, magnitude=9)
+    candidates_per_image = []
+    for o, x in zip(out, images, strict=True):
+        matches = set()
+        for name, (operation, table, signed) in RANDAUGMENT_OPERATIONS.items():
+            value = float(table(16, 16)[9]) if table is not None else 0.0
+            for sign in (1.0, -1.0) if signed else (1.0,):
+                if torch.equal(operation(x[None], sign * value)[0], o):
+                    matches.add(name)
+        assert matches, "an output that no single operation produces"
+        candidates_per_image.append(matches)
+    assert len(set().union(*candidates_per_image)) >= 8  # many operations in one batch, not one for all
+
+
+def test_rand_augment__rejects_a_magnitude_outside_the_table():
+    with pytest.raises(ValueError, match="magnitude=31"):
+        rand_augment(random_images(n=2), num_ops=1, magnitude=31)
+
+
+def adapter(*overrides):
+    cfg = resolve(["recipe=quickstart", *overrides])
+    return ImageModality(cfg.modality.options, cfg.data, cfg.model)
+
+
+def test_views__batched_and_per_image_paths_draw_the_same_kind_of_view():
+    a = adapter("modality.hflip=true")
+    images = list(random_images(n=16, size=8, c=1))
+    with seeded_rng(0):
+        batched = a.strong_views(images)
+    with seeded_rng(0):
+        again = a.strong_views(images)
+    with seeded_rng(0):
+        single = a.strong(images[0])
+    assert all(torch.equal(x, y) for x, y in zip(batched, again, strict=True))
+    assert [v.shape for v in batched] == [x.shape for x in images] and all(v.dtype == torch.uint8 for v in batched)
+    assert single.shape == images[0].shape
+    assert sum(not torch.equal(v, x) for v, x in zip(batched, images, strict=True)) >= 14
+
+
+def test_views__images_of_different_sizes_are_viewed_one_size_at_a_time():
+    a = adapter()
+    images = [*random_images(n=3, size=8, c=1), *random_images(n=2, size=12, c=1)]
+    with seeded_rng(0):
+        views = a.weak_views(images)
+    assert [tuple(v.shape) for v in views] == [tuple(x.shape) for x in images]
+
+
+def test_step_dataset__builds_image_steps_with_the_batched_views():
+    a = adapter()
+    raw = a.load()
+    calls = []
+
+    class Counting(ImageModality):
+        def strong_views(self, samples):
+            calls.append(len(samples))
+            return super().strong_views(samples)
+
+        def strong(self, sample):
+            raise AssertionError("the step should not fall back to per-image views")
+
+    counting = Counting(a.options, a.data, a.model)
+    steps = StepDataset(counting, raw.train[:40], raw.train_labels[:40], raw.train[40:], raw.train_labels[40:],
+                        batch_size=4, mu=3, unlabeled_views=("weak", "strong", "strong"), num_steps=2, seed=0)
+    first, again = steps[1], steps[1]
+    assert calls == [12, 12, 12, 12]
+    assert first["inputs"].shape == (4 + 3 * 12, 1, 8, 8)
+    assert torch.equal(first["inputs"], again["inputs"])  # seeded per step: a resumed run sees the same step
