@@ -90,6 +90,21 @@ def run_cell(args: argparse.Namespace, objective: str, distance: str | None, see
     return json.loads((out / "summary.json").read_text())
 
 
+def describe_runs_machine(summaries: list[dict[str, Any]]) -> str:
+    """Where the runs ran, from their own summaries (a grid may be rendered on another machine, or with
+    another thread count, than the one that trained it)."""
+    import torch
+
+    devices = sorted({str(s.get("device", "?")) for s in summaries})
+    if any(d.startswith("cuda") for d in devices):
+        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "GPU"
+        return f"{name} ({', '.join(devices)})"
+    threads = sorted({s["cpu_threads"] for s in summaries if "cpu_threads" in s})
+    if not threads:  # runs written before summaries recorded it: assume this process's count (set OMP_NUM_THREADS)
+        return f"CPU, {torch.get_num_threads()} thread(s) per run"
+    return f"CPU, {'-'.join(map(str, (threads[0], threads[-1]) if len(threads) > 1 else threads))} thread(s) per run"
+
+
 def render(report: dict[str, Any]) -> str:
     budget = (f"{report['steps']} steps" if report["steps"] else "") + \
              (f"{' or ' if report['steps'] else ''}{report['minutes']} minutes per run" if report["minutes"] else "")
@@ -129,16 +144,14 @@ def main() -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
     args = parser.parse_args()
-    rows = []
+    rows, summaries = [], []
     for objective, distance in args.cells:
-        summaries = [run_cell(args, objective, distance, seed) for seed in args.seeds]
-        rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in summaries],
-                     "steps": [s["steps"] for s in summaries]})
-    import torch
-
-    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {torch.get_num_threads()} thread(s) per run"
+        cell = [run_cell(args, objective, distance, seed) for seed in args.seeds]
+        summaries += cell
+        rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in cell],
+                     "steps": [s["steps"] for s in cell]})
     report = {"modality": args.modality, "rows": rows, "seeds": args.seeds, "steps": args.steps, "minutes": args.minutes,
-              "date": date.today().isoformat(), "machine": f"{platform.machine()} {device}",
+              "date": date.today().isoformat(), "machine": f"{platform.machine()} {describe_runs_machine(summaries)}",
               "command": "python benchmarks/quality.py " + " ".join(sys.argv[1:])}
     args.runs.mkdir(parents=True, exist_ok=True)
     (args.runs / f"quality-{args.modality}.json").write_text(json.dumps(report, indent=2))

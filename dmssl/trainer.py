@@ -379,6 +379,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         "seed": cfg.seed,
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
+        "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
         "resumed_from": str(resumed_from) if resumed_from else None,
     }

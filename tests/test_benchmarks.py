@@ -78,3 +78,13 @@ def test_finished_with_same_config__reuses_only_a_run_with_the_cells_config(tmp_
     assert finished_with_same_config(tmp_path, overrides)
     assert not finished_with_same_config(tmp_path, overrides[:-2] + ["trainer.max_steps=600", overrides[-1]])
     assert not finished_with_same_config(tmp_path, overrides + ["objective.dm_warmup_steps=100"])
+
+
+def test_describe_runs_machine__reads_the_runs_not_the_rendering_process():
+    from benchmarks.quality import describe_runs_machine
+
+    assert describe_runs_machine([{"device": "cpu", "cpu_threads": 1}] * 3) == "CPU, 1 thread(s) per run"
+    assert describe_runs_machine([{"device": "cpu", "cpu_threads": 1}, {"device": "cpu", "cpu_threads": 2}]) == \
+        "CPU, 1-2 thread(s) per run"
+    assert "cuda:0" in describe_runs_machine([{"device": "cuda:0", "cpu_threads": 16}])
+    assert describe_runs_machine([{"device": "cpu"}]).startswith("CPU, ")
