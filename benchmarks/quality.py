@@ -102,7 +102,8 @@ def describe_runs_machine(summaries: list[dict[str, Any]]) -> str:
     threads = sorted({s["cpu_threads"] for s in summaries if "cpu_threads" in s})
     if not threads:  # runs written before summaries recorded it: assume this process's count (set OMP_NUM_THREADS)
         return f"CPU, {torch.get_num_threads()} thread(s) per run"
-    return f"CPU, {'-'.join(map(str, (threads[0], threads[-1]) if len(threads) > 1 else threads))} thread(s) per run"
+    count = str(threads[0]) if len(threads) == 1 else f"{threads[0]}-{threads[-1]}"
+    return f"CPU, {count} thread(s) per run"
 
 
 def render(report: dict[str, Any]) -> str:
