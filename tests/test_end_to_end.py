@@ -1,5 +1,6 @@
 """Short real runs on scikit-learn's digits: files written, budgets, resume after SIGKILL."""
 
+import contextlib
 import json
 import os
 import signal
@@ -107,24 +108,37 @@ def test_resume__corrupt_newest_checkpoint_falls_back(tmp_path):
     assert summary["steps"] == 8
 
 
-def run_or_dump_stacks(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_or_dump_stacks(command: list[str], timeout: float, marker: str) -> subprocess.CompletedProcess:
     """Run `command` in its own process group; if it hangs, fail with every process's Python stacks.
 
     SIGABRT makes faulthandler (PYTHONFAULTHANDLER=1) print each process's threads before it dies,
-    so a rare hang reports where it waited instead of only that it timed out.
+    so a rare hang reports where it waited instead of only that it timed out. The signal goes to every
+    process whose command line holds `marker` (e.g. the run's output_dir) as well as to the group: a
+    worker that outlives torchrun can sit in a group of its own and still hold the output pipes open.
     """
+    import psutil
+
     env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                                start_new_session=True)
+
+    def signal_all(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        for other in psutil.process_iter(["cmdline"]):
+            if marker in " ".join(other.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error):
+                    other.send_signal(sig)
+
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGABRT)
+        signal_all(signal.SIGABRT)
         try:
             _, stderr = process.communicate(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            _, stderr = process.communicate()
+            signal_all(signal.SIGKILL)
+            _, stderr = process.communicate(timeout=30)
         pytest.fail(f"{' '.join(command[1:6])} ... did not finish in {timeout:.0f} s; stacks and stderr: {stderr[-8000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
@@ -135,7 +149,7 @@ def test_two_processes_with_torchrun(tmp_path):
     # before torchrun binds it, and then the rendezvous waits instead of failing.
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py",
                *FAST, "trainer.max_steps=6", "trainer.eval_every=3", f"output_dir={tmp_path}"]
-    result = run_or_dump_stacks(command, timeout=300)
+    result = run_or_dump_stacks(command, timeout=300, marker=f"output_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-2000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["num_processes"] == 2 and summary["steps"] == 6
