@@ -38,7 +38,7 @@ from dmssl.distances import build_distance  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
 from dmssl.objective import build_objective  # noqa: E402
 from dmssl.registry import load_modality  # noqa: E402
-from dmssl.trainer import split_step  # noqa: E402
+from dmssl.trainer import build_optimizer, split_step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -166,7 +166,7 @@ def distance_costs(sizes: list[int], widths: list[int], repeats: int, encoder_fb
             x = torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).requires_grad_()
             y = torch.nn.functional.normalize(torch.randn(n, d, device=DEVICE), dim=1).requires_grad_()
             for name, options in specs:
-                if options.get("method") == "sinkhorn" and n > 1024:
+                if options.get("method") == "sinkhorn" and n > 1024 and DEVICE.type == "cpu":
                     continue  # O(iterations n^2): minutes on a CPU at these sizes
                 distance = build_distance(name, **options)
 
@@ -174,17 +174,23 @@ def distance_costs(sizes: list[int], widths: list[int], repeats: int, encoder_fb
                     distance(x, y).backward()
 
                 label = name if name != "wasserstein" else f"wasserstein-{options['method']}"
-                t = median_time(run, repeats, warmup=1)
-                rows.append({"distance": label, "n": n, "d": d, "seconds": t, "peak_bytes": peak_memory(run),
-                             "fraction_of_encoder_fb": t / encoder_fb_s})
+                try:
+                    t = median_time(run, repeats, warmup=1)
+                    rows.append({"distance": label, "n": n, "d": d, "seconds": t, "peak_bytes": peak_memory(run),
+                                 "fraction_of_encoder_fb": t / encoder_fb_s})
+                except torch.OutOfMemoryError:  # a row that says so, not a lost report
+                    if DEVICE.type == "cuda":
+                        torch.cuda.empty_cache()
+                    rows.append({"distance": label, "n": n, "d": d, "seconds": None, "peak_bytes": None,
+                                 "fraction_of_encoder_fb": None})
     return rows
 
 
-# ---------------------------------------------------------------- (c) loading
+# ---------------------------------------------------------------- (c) loading, (d) precision
 
 
-def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
-    """Seconds for one worker to build a step vs seconds for the step itself, on real data."""
+def recipe_step(recipe: list[str]) -> tuple[Any, Any, Any, StepDataset, tuple[str, ...]]:
+    """(cfg, adapter, raw data, steps, views) of a recipe on its real data: what (c) and (d) time."""
     cfg = resolve(recipe)
     adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
     raw = adapter.load()
@@ -193,6 +199,38 @@ def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
     steps = StepDataset(adapter, [raw.train[i] for i in labeled], [max(0, raw.train_labels[i]) for i in labeled],
                         raw.train, [max(-1, y) for y in raw.train_labels], cfg.data.batch_size, cfg.data.mu, views,
                         10_000, 0)
+    return cfg, adapter, raw, steps, views
+
+
+def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any], views: tuple[str, ...],
+                  bf16: bool = False, channels_last: bool = False, compile: bool = False) -> Callable[[], None]:
+    """One optimisation step of the recipe's objective on `item`, as the trainer runs it (fresh seeded model)."""
+    from accelerate.utils import send_to_device
+
+    torch.manual_seed(0)
+    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim).to(DEVICE)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile:
+        model.encoder.compile()
+    objective = build_objective(cfg.objective, num_classes, build_distance(cfg.distance.name, **cfg.distance.options()))
+    optimizer = build_optimizer(model, cfg.trainer)
+    item = send_to_device(item, DEVICE)
+
+    def step() -> None:
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
+            z = model(item["inputs"])
+        out = objective(split_step(z, item, views, model), 0)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
+    """Seconds for one worker to build a step vs seconds for the step itself, on real data."""
+    cfg, adapter, raw, steps, views = recipe_step(recipe)
     counter = iter(range(10_000))
     # DataLoader workers run with one intra-op thread; timing the build with the main process's threads
     # would add thread overhead on tiny per-sample tensors that a worker never pays.
@@ -202,24 +240,76 @@ def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
         t_build = median_time(lambda: steps[next(counter)], repeats, warmup=1)
     finally:
         torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = SSLModel(adapter.build_encoder(), raw.num_classes).to(DEVICE)
-    objective = build_objective(cfg.objective, raw.num_classes, build_distance(cfg.distance.name, **cfg.distance.options()))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
-    from accelerate.utils import send_to_device
-
-    item = send_to_device(steps[0], DEVICE)
-
-    def step() -> None:
-        out = objective(split_step(model(item["inputs"]), item, views, model), 0)
-        optimizer.zero_grad()
-        out.loss.backward()
-        optimizer.step()
-
+    step = training_step(cfg, adapter, raw.num_classes, steps[0], views, channels_last=cfg.trainer.channels_last)
     t_step = median_time(step, max(3, repeats // 2), warmup=1)
-    return {"recipe": " ".join(recipe[:1]), "samples_per_step": len(labeled[: cfg.data.batch_size]) + 3 * cfg.data.batch_size * cfg.data.mu,
+    samples = min(len(raw.train), 100, cfg.data.batch_size) + len(views) * cfg.data.batch_size * cfg.data.mu
+    return {"recipe": " ".join(recipe[:1]), "samples_per_step": samples,
             "build_s": t_build, "step_s": t_step, "build_over_step": t_build / t_step,
             "workers_needed": t_build / t_step, "default_workers": cfg.data.num_workers}
+
+
+# (bf16, channels_last, compile) of each measured variant; the first is the reference.
+PRECISION_VARIANTS = {
+    "fp32": (False, False, False),
+    "fp32+cl": (False, True, False),
+    "fp32+cl+compile": (False, True, True),
+    "bf16+cl": (True, True, False),
+    "bf16+cl+compile": (True, True, True),
+}
+
+
+def step_units(item: dict[str, Any], cfg: Any) -> tuple[float, str]:
+    """What a step processes, in the modality's natural unit: tokens, seconds of audio, or samples."""
+    inputs = item["inputs"]
+    if isinstance(inputs, dict) and "attention_mask" in inputs:
+        return float(inputs["attention_mask"].sum()), "tokens"
+    rate = getattr(cfg.modality.options, "sample_rate", None)
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 2 and rate:
+        return inputs.numel() / rate, "audio seconds"
+    if isinstance(inputs, torch.Tensor) and inputs.ndim == 4:
+        return float(inputs.shape[0]), "images"
+    return float(item["labels"].shape[0]), "samples"
+
+
+def precision_variants(recipe: list[str], repeats: int, variants: list[str]) -> dict[str, Any]:
+    """Step time of the recipe's training step in each precision/layout/compile variant, measured round-robin."""
+    cfg, adapter, raw, steps, views = recipe_step(recipe)
+    item = steps[0]
+    units, unit = step_units(item, cfg)
+    fns: dict[str, Callable[[], Any]] = {}
+    compile_seconds: dict[str, float] = {}
+    for name in variants:
+        bf16, channels_last, compiled = PRECISION_VARIANTS[name]
+        fns[name] = training_step(cfg, adapter, raw.num_classes, item, views, bf16, channels_last, compiled)
+        if compiled:  # the first calls compile (forward, then backward); timed apart from the steps
+            start = time.perf_counter()
+            fns[name]()
+            fns[name]()
+            sync()
+            compile_seconds[name] = time.perf_counter() - start
+    medians = interleaved_medians(fns, repeats, warmup=1)
+    reference = medians[variants[0]]
+    return {"recipe": " ".join(recipe[:2]), "encoder": cfg.model.encoder, "unit": unit, "units_per_step": units,
+            "variants": {name: {"step_s": t, "speedup": reference / t, "units_per_s": units / t,
+                                "compile_s": compile_seconds.get(name)} for name, t in medians.items()}}
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets, by device-name fragment.
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "L4": 121.0,
+                    "A10G": 70.0, "RTX 4090": 165.2}
+WRN28_2_FORWARD_GFLOPS = 0.43  # per 32x32 image, counted layer by layer (forward + backward is about 3x)
+
+
+def bf16_peak_tflops(device_name: str) -> float | None:
+    for fragment, peak in BF16_PEAK_TFLOPS.items():
+        if fragment in device_name:
+            return peak
+    return None
+
+
+def wrn_step_flops(images: int) -> float:
+    """FLOPs of a WRN-28-2 training step (forward + backward) over `images` 32x32 images."""
+    return 3 * WRN28_2_FORWARD_GFLOPS * 1e9 * images
 
 
 # ---------------------------------------------------------------- report
@@ -247,7 +337,7 @@ def markdown(report: dict[str, Any]) -> str:
             for n in report["sizes"]:
                 match = [r for r in report["distances"] if r["distance"] == name and r["n"] == n and r["d"] == d]
                 cells.append(f"{match[0]['fraction_of_encoder_fb']:.3f} ({match[0]['peak_bytes'] / 2**20:.1f} MiB)"
-                             if match else "-")
+                             if match and match[0]["seconds"] is not None else "out of memory" if match else "-")
             lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
     lines += ["", "**(c) Data loading vs training step** (one worker, one thread, building a whole step: views + collate, real data). "
               "*workers needed* = build time / step time: the loader keeps up when `data.num_workers` is at least that.", "",
@@ -268,46 +358,83 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(head + start + "\n" + body + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
+def precision_markdown(report: dict[str, Any]) -> str:
+    names = report["variants"]
+    lines = [f"Measured {report['date']} on {report['machine']} (`{report['command']}`); medians of round-robin "
+             "repeats after warm-up, each variant a fresh model with the same seed, on one real step of the recipe "
+             "(its batch, its objective with weak + 2 strong views). *speedup* = fp32 step time / the variant's; "
+             "cl = channels-last; compile = `torch.compile` of the encoder (its compile time apart).", "",
+             "| recipe | encoder | " + " | ".join(names) + " | throughput of the fastest |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for row in report["precision"]:
+        cells = [f"{row['variants'][n]['step_s']:.3f} s ({row['variants'][n]['speedup']:.2f}x)" for n in names]
+        fastest = max(row["variants"], key=lambda n: row["variants"][n]["speedup"])
+        lines.append(f"| {row['recipe']} | {row['encoder']} | " + " | ".join(cells)
+                     + f" | {row['variants'][fastest]['units_per_s']:,.0f} {row['unit']}/s ({fastest}) |")
+    compiled = [(row["recipe"], n, v["compile_s"]) for row in report["precision"] for n, v in row["variants"].items()
+                if v["compile_s"]]
+    if compiled:
+        lines += ["", "Compile time (first forward + backward): " + "; ".join(
+            f"{recipe} {name}: {seconds:.0f} s" for recipe, name, seconds in compiled) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (CI smoke run)")
     parser.add_argument("--cifar", help="CIFAR-10 image-folder archive, for the loading benchmark")
     parser.add_argument("--fsdd", help="FSDD recordings archive, for the loading benchmark")
     parser.add_argument("--imdb", help="IMDB folder (train/unsup/test JSON lines), for the loading benchmark")
-    parser.add_argument("--write", type=Path, help="replace the speed section of this markdown file")
+    parser.add_argument("--sections", default="abcd", help="which parts to run: any of a, b, c, d (default: all)")
+    parser.add_argument("--variants", default=",".join(PRECISION_VARIANTS),
+                        help=f"(d): comma-separated, the first is the reference; of {', '.join(PRECISION_VARIANTS)}")
+    parser.add_argument("--write", type=Path, help="replace the speed (a-c) and precision (d) sections of this markdown file")
     parser.add_argument("--json", type=Path, help="write the raw figures here")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in PRECISION_VARIANTS]
+    if unknown or not variants:
+        parser.error(f"--variants: unknown {unknown}; allowed: {', '.join(PRECISION_VARIANTS)}")
     torch.manual_seed(0)
     repeats = 3 if args.quick else 7
     sizes = [64, 256] if args.quick else [64, 256, 1024, 4096]
     widths = [128] if args.quick else [128, 512]
-    base = ["recipe=image_cifar10", "model.encoder=small_cnn"] + (["data.batch_size=16"] if args.quick else [])
-    objectives = objective_steps(base, repeats)
-    cfg, adapter, images = image_batch(base, 0)
-    encoder = adapter.build_encoder().to(DEVICE)
-    labeled = images[: cfg.data.batch_size]
-    encoder_fb = median_time(lambda: encoder(labeled).float().pow(2).mean().backward(), repeats)
-    report = {"date": date.today().isoformat(), "quick": args.quick,
-              "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]), "sizes": sizes, "widths": widths,
-              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {DEVICE.type}"
-                         + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else ""),
-              "objectives": objectives, "encoder_fb_s": encoder_fb,
-              "distances": distance_costs(sizes, widths, repeats, encoder_fb), "loading": []}
-    loaders = [["recipe=quickstart"]]
+    report: dict[str, Any] = {"date": date.today().isoformat(), "quick": args.quick,
+                              "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
+                              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {DEVICE.type}"
+                                         + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")}
+    recipes = [["recipe=quickstart"]]
     if args.cifar:
-        loaders.append(["recipe=image_cifar10", f"data.root={args.cifar}", "model.encoder=small_cnn"])
+        recipes.append(["recipe=image_cifar10", "model.encoder=small_cnn", f"data.root={args.cifar}"])
     if args.fsdd:
-        loaders.append(["recipe=audio_fsdd", f"data.root={args.fsdd}"])
+        recipes.append(["recipe=audio_fsdd", f"data.root={args.fsdd}"])
     if args.imdb:
-        loaders.append(["recipe=text_sentiment", f"data.root={args.imdb}"])
-    for recipe in loaders:
-        report["loading"].append(loader_vs_step(recipe, repeats))
-    text = markdown(report)
-    print(text)
+        recipes.append(["recipe=text_sentiment", f"data.root={args.imdb}"])
+    if "a" in args.sections or "b" in args.sections or "c" in args.sections:
+        base = ["recipe=image_cifar10", "model.encoder=small_cnn"] + (["data.batch_size=16"] if args.quick else [])
+        objectives = objective_steps(base, repeats)
+        cfg, adapter, images = image_batch(base, 0)
+        encoder = adapter.build_encoder().to(DEVICE)
+        labeled = images[: cfg.data.batch_size]
+        encoder_fb = median_time(lambda: encoder(labeled).float().pow(2).mean().backward(), repeats)
+        report |= {"sizes": sizes, "widths": widths, "objectives": objectives, "encoder_fb_s": encoder_fb,
+                   "distances": distance_costs(sizes, widths, repeats, encoder_fb),
+                   "loading": [loader_vs_step(recipe, repeats) for recipe in recipes]}
+    if "d" in args.sections:
+        report |= {"variants": variants,
+                   "precision": [precision_variants(recipe, 2 if args.quick else 5, variants) for recipe in recipes]}
+    texts = []
+    if "objectives" in report:
+        texts.append(("speed", markdown(report)))
+    if "precision" in report:
+        texts.append(("precision", precision_markdown(report)))
+    for _, text in texts:
+        print(text)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     if args.write:
-        write_section(args.write, "speed", text)
+        for name, text in texts:
+            write_section(args.write, name, text)
     return 0
 
 

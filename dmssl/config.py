@@ -176,7 +176,10 @@ class TrainerConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU
+    # auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX512_BF16, fp32 elsewhere (docs/precision.md)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    channels_last: bool = True  # NHWC convolution weights: faster on CPUs (fp32 and bf16) and on GPUs in bf16
+    compile: bool = False  # torch.compile the encoder (a minute or more of compiling first; see docs/precision.md)
     log_with: Literal["none", "tensorboard"] = "none"
     save_embeddings: bool = True  # embeddings of 500 labeled + 500 unlabeled samples at start and end, for plots
     progress_bar: bool = True

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
@@ -41,6 +41,7 @@ from dmssl.distances import build_distance
 from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
 from dmssl.model import SSLModel
 from dmssl.objective import StepEmbeddings, build_objective
+from dmssl.precision import choose_precision
 from dmssl.registry import load_modality
 
 # Keys that may change between a run and its resumption without making it a different run.
@@ -158,14 +159,6 @@ def write_run_dir(cfg: Config, run_dir: Path) -> None:
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
-def choose_precision(requested: str) -> str | None:
-    if requested != "auto":
-        return requested
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-        return None  # `accelerate launch --mixed_precision ...` decides
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[float, int]:
     """(top-1 accuracy, samples counted) of nearest-prototype predictions over the whole test set.
@@ -211,8 +204,11 @@ def fit(cfg: Config) -> dict[str, Any]:
     started = time.monotonic()
     run_dir = check_run_dir(cfg)
     # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision=choose_precision(cfg.trainer.mixed_precision),
+    precision = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), cfg.trainer.channels_last)
+    # Accelerate keeps its precision in a process-wide singleton; a second run in one process (a notebook,
+    # a benchmark) may choose another. The process group (PartialState) is left as it is.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode,
                               log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with,
                               project_dir=str(run_dir))
     torch.manual_seed(cfg.seed)
@@ -236,6 +232,8 @@ def fit(cfg: Config) -> dict[str, Any]:
 
     # ==== model, objective, optimiser ====
     model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
+    if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
+        model.to(memory_format=torch.channels_last)
     distance = build_distance(cfg.distance.name, **cfg.distance.options()) if cfg.objective.name == "dmssl" else None
     objective = build_objective(cfg.objective, num_classes, distance, cfg.seed)
     optimizer = build_optimizer(model, cfg.trainer)
@@ -258,6 +256,8 @@ def fit(cfg: Config) -> dict[str, Any]:
                 raise CheckpointError(f"{resumed_from}: its labeled split differs from this config's")
             accelerator.print(f"resumed from {resumed_from} at step {step}")
     ema.module.to(accelerator.device)
+    if cfg.trainer.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
+        model.encoder.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_file, train_log = run_dir / "metrics.jsonl", run_dir / "train.jsonl"
     if accelerator.is_main_process:
@@ -295,9 +295,11 @@ def fit(cfg: Config) -> dict[str, Any]:
     last_train_logs: dict[str, float] = {}
     progress = make_progress_bar(accelerator, cfg, step)
     stop_reason = "max_steps"
-    loop_started = time.monotonic()
+    loop_started = waiting_since = time.monotonic()
+    data_wait = 0.0  # seconds the loop stood waiting for the DataLoader: the loader keeps up when this stays small
     with StopRequest() as stop:
         for batch in train_loader:
+            data_wait += time.monotonic() - waiting_since
             lr = learning_rate(step, cfg.trainer)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
@@ -353,6 +355,8 @@ def fit(cfg: Config) -> dict[str, Any]:
             if finished:
                 stop_reason = ("signal" if stop.signal is not None else "max_minutes" if out_of_time else "max_steps")
                 break
+            waiting_since = time.monotonic()
+    loop_seconds = time.monotonic() - loop_started
     progress.close()
     if math.isnan(last_accuracy):  # nothing left to train (resumed a finished run): evaluate once
         last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
@@ -381,6 +385,10 @@ def fit(cfg: Config) -> dict[str, Any]:
         "device": str(accelerator.device),
         "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
+        "precision_reason": precision.reason,
+        "channels_last": precision.channels_last,
+        "compiled": cfg.trainer.compile,
+        "data_wait_share": round(data_wait / max(loop_seconds, 1e-9), 4),
         "resumed_from": str(resumed_from) if resumed_from else None,
     }
     if accelerator.is_main_process:

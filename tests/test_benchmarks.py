@@ -1,5 +1,7 @@
 """The benchmark scripts' report plumbing (their timings are not tested: they are measurements)."""
 
+import pytest
+
 from benchmarks.quality import render
 from benchmarks.speed import peak_memory, write_section
 
@@ -88,3 +90,51 @@ def test_describe_runs_machine__reads_the_runs_not_the_rendering_process():
         "CPU, 1-2 thread(s) per run"
     assert "cuda:0" in describe_runs_machine([{"device": "cuda:0", "cpu_threads": 16}])
     assert describe_runs_machine([{"device": "cpu"}]).startswith("CPU, ")
+
+
+@pytest.mark.slow
+def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
+    """The GPU evidence script's CPU smoke run, as CI runs it: every part measured, JSON and markdown agree."""
+    import json
+    import subprocess
+    import sys
+
+    from benchmarks.gpu_check import render
+    from tests.conftest import ROOT
+
+    out = tmp_path / "gpu.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {(r["objective"], r["variant"]) for r in report["speed"]} >= {("fixmatch", "fp32"), ("dmssl", "bf16+cl")}
+    assert all(r["step_s"] > 0 and r["images_per_s"] > 0 for r in report["speed"])
+    assert {r["distance"] for r in report["distances"]} == {"cosine", "mmd", "wasserstein-sliced", "wasserstein-sinkhorn"}
+    assert [r["objective"] for r in report["quality"]] == ["fixmatch", "dmssl"]
+    assert all(r["steps"] == 10 and 0 <= r["data_wait_share"] <= 1 for r in report["quality"])
+    page = tmp_path / "page.md"
+    page.write_text("<!-- gpu-check:start -->\n<!-- gpu-check:end -->\n")
+    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--render", str(out), "--write", str(page)], cwd=ROOT,
+                   check=True, capture_output=True, timeout=120)
+    assert render(report) in page.read_text()
+
+
+def test_gpu_check_render__the_h200_report_names_the_card_and_peak_fraction():
+    import json
+
+    from benchmarks.gpu_check import render
+    from tests.conftest import ROOT
+
+    report = json.loads((ROOT / "benchmarks" / "results" / "gpu_check_h200.json").read_text())
+    text = render(report)
+    assert "NVIDIA H200" in text and "% of bf16 peak" in text
+    assert "| dmssl | bf16+cl |" in text
+
+
+def test_bf16_peak_lookup_prefers_the_specific_name():
+    from benchmarks.speed import bf16_peak_tflops, wrn_step_flops
+
+    assert bf16_peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
+    assert bf16_peak_tflops("Some CPU") is None
+    assert wrn_step_flops(1000) == pytest.approx(1.29e12)

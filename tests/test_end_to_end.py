@@ -67,11 +67,12 @@ def final_weights(folder: Path) -> dict:
     return load_checkpoint(list_checkpoints(folder / "checkpoints")[-1])
 
 
-def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path, precision):
     # Distribution alignment on: its running mean of predictions must survive the restart too.
     args = [sys.executable, "train.py", *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=4",
             "trainer.eval_every=8", "trainer.keep_checkpoints=3", "objective.distribution_alignment=true",
-            "objective.alignment_momentum=0.9"]
+            "objective.alignment_momentum=0.9", f"trainer.mixed_precision={precision}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*args, f"output_dir={straight}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
 

@@ -1,0 +1,243 @@
+"""GPU evidence in one command: step speed, the loader, the distances' cost and a short CIFAR-10 quality check.
+
+    python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --json gpu.json [--minutes 8]
+    python benchmarks/gpu_check.py --tiny            # smoke run on a CPU (CI): small sizes, about a minute
+    python benchmarks/gpu_check.py --render gpu.json --write docs/results.md   # put a run's figures on a page
+
+1. speed: one fixmatch and one dmssl training step at the CIFAR-10 recipe's batch (64 labeled + 7 x 64
+   unlabeled in 2 or 3 views, WRN-28-2) in fp32, bf16 + channels-last, and bf16 + channels-last + compile;
+   images per second and, for WRN-28-2, the fraction of the GPU's dense bf16 peak the step reaches
+   (3 x 0.43 GFLOPs per image for forward + backward);
+2. distances: forward + backward time and peak memory at n = 1k ... 16k embeddings per side (d = 128);
+3. quality and the loader: the real trainer on CIFAR-10 with 250 labels and WRN-28-2, fixmatch then dmssl
+   for the same number of steps (as many as fit the time left), each run's test accuracy and the share of
+   its loop spent waiting for the DataLoader (the loader keeps up when that share is small).
+
+Everything is written to --json as it is measured, so a run cut short still leaves its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.speed import (  # noqa: E402
+    DEVICE,
+    bf16_peak_tflops,
+    distance_costs,
+    interleaved_medians,
+    sync,
+    training_step,
+    write_section,
+    wrn_step_flops,
+)
+from dmssl.config import resolve  # noqa: E402
+from dmssl.distances import build_distance  # noqa: E402
+from dmssl.objective import build_objective  # noqa: E402
+
+# The adapter by module path: this script also runs from a plain checkout, where no entry point is installed.
+IMAGE = "modality.name=modalities.image:ImageModality"
+
+
+def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any]]:
+    """fixmatch and dmssl steps on random uint8 images of the recipe's batch, per precision variant."""
+    base = (["recipe=quickstart", "data.batch_size=4", "data.mu=2"] if tiny
+            else ["recipe=image_cifar10", "model.encoder=wrn28_2"])
+    rows = []
+    peak = bf16_peak_tflops(torch.cuda.get_device_name()) if DEVICE.type == "cuda" else None
+    for objective_name in ("fixmatch", "dmssl"):
+        variants = {"fp32": (False, True, False), "bf16+cl": (True, True, False)}
+        if compile_ok and objective_name == "dmssl":  # one compile (about a minute) is enough to tell
+            variants["bf16+cl+compile"] = (True, True, True)
+        cfg = resolve(base + [IMAGE, f"objective.name={objective_name}"])
+        from modalities.image import ImageModality
+
+        adapter = ImageModality(cfg.modality.options, cfg.data, cfg.model)
+        distance = build_distance(cfg.distance.name, **cfg.distance.options())
+        views = build_objective(cfg.objective, 10, distance).unlabeled_views
+        b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
+        size = 8 if tiny else 32
+        generator = torch.Generator().manual_seed(0)
+        item = {"inputs": torch.randint(0, 256, (b + len(views) * u, 3, size, size), dtype=torch.uint8, generator=generator),
+                "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
+                "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
+        images = item["inputs"].shape[0]
+        fns, compile_s = {}, {}
+        for name, (bf16, channels_last, compiled) in variants.items():
+            fns[name] = training_step(cfg, adapter, 10, item, views, bf16, channels_last, compiled)
+            if compiled:
+                start = time.perf_counter()
+                fns[name]()
+                fns[name]()
+                sync()
+                compile_s[name] = time.perf_counter() - start
+        medians = interleaved_medians(fns, repeats, warmup=2)
+        for name, seconds in medians.items():
+            row = {"objective": objective_name, "variant": name, "encoder": cfg.model.encoder, "images": images,
+                   "step_s": seconds, "images_per_s": images / seconds, "speedup_over_fp32": medians["fp32"] / seconds,
+                   "compile_s": compile_s.get(name)}
+            if cfg.model.encoder == "wrn28_2" and peak:
+                row["bf16_peak_fraction"] = wrn_step_flops(images) / seconds / (peak * 1e12)
+            if DEVICE.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+                fns[name]()
+                sync()
+                row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            rows.append(row)
+            print(f"speed {objective_name} {name}: {seconds * 1000:.1f} ms/step, {images / seconds:,.0f} images/s"
+                  + (f", {100 * row['bf16_peak_fraction']:.1f} % of bf16 peak" if "bf16_peak_fraction" in row else ""),
+                  flush=True)
+    return rows
+
+
+def quality(tiny: bool, cifar: str | None, seconds_left: float, step_s: float, workers: int) -> list[dict[str, Any]]:
+    """fixmatch and dmssl through `train.py`, the same number of steps each, each in a fresh process."""
+    if tiny:
+        base = ["recipe=quickstart", "data.batch_size=8", "data.mu=2", "data.num_workers=0"]
+        steps = 10
+    else:
+        base = ["recipe=image_cifar10", "model.encoder=wrn28_2", "data.num_labels=250", f"data.root={cifar}",
+                f"data.num_workers={workers}", "data.eval_batch_size=1024"]
+        overhead_s = 60.0  # start-up, the first run's decoding of the archive (about 30 s), evaluation
+        steps = max(50, int((seconds_left - 2 * overhead_s) / 2 / (step_s * 1.3)))
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for i, objective_name in enumerate(("fixmatch", "dmssl")):
+            share_s = max(30.0, (seconds_left - 20) / (2 - i))
+            run_dir = Path(folder) / objective_name
+            started = time.monotonic()
+            command = [sys.executable, str(ROOT / "train.py"), *base, IMAGE, f"objective.name={objective_name}",
+                       f"trainer.max_steps={steps}", f"trainer.max_minutes={max(0.2, (share_s - 45) / 60):.2f}",
+                       f"trainer.eval_every={steps}", f"trainer.checkpoint_every={steps}", "trainer.save_embeddings=false",
+                       "trainer.progress_bar=false", f"output_dir={run_dir}"]
+            try:
+                done = subprocess.run(command, cwd=ROOT, timeout=share_s + 60, capture_output=True, text=True)
+            except subprocess.TimeoutExpired:
+                rows.append({"objective": objective_name, "error": f"no result within {share_s + 60:.0f} s"})
+                continue
+            finally:
+                seconds_left -= time.monotonic() - started
+            if done.returncode != 0:
+                rows.append({"objective": objective_name, "error": done.stderr.strip().splitlines()[-1:]})
+                print(f"quality {objective_name} failed:\n{done.stderr[-3000:]}", flush=True)
+                continue
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            rows.append({k: summary[k] for k in ("objective", "test_accuracy", "steps", "train_seconds", "wall_seconds",
+                                                 "data_wait_share", "mixed_precision", "num_labeled", "num_test",
+                                                 "stop_reason")} | {"planned_steps": steps})
+            print(f"quality {objective_name}: test_accuracy={summary['test_accuracy']:.4f} after {summary['steps']} "
+                  f"steps, {summary['train_seconds']:.0f} s, data wait {100 * summary['data_wait_share']:.1f} %",
+                  flush=True)
+    return rows
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = [f"Measured {report['date']} on **{report['device']}** ({report['torch']}, {report['cpu_count']} CPU cores; "
+             f"`{report['command']}`), {report['wall_seconds']:.0f} s all told.", ""]
+    if report.get("speed"):
+        lines += ["**Step speed** (random 32x32 images, the recipe's batch; median of repeats after warm-up):", "",
+                  "| objective | variant | images | step (ms) | images/s | vs fp32 | % of bf16 peak | peak memory |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in report["speed"]:
+            fraction = f"{100 * r['bf16_peak_fraction']:.1f} %" if r.get("bf16_peak_fraction") is not None else "-"
+            memory = f"{r['peak_gib']:.2f} GiB" if r.get("peak_gib") is not None else "-"
+            compiled = f" (compile {r['compile_s']:.0f} s)" if r.get("compile_s") else ""
+            lines.append(f"| {r['objective']} | {r['variant']}{compiled} | {r['images']} | {1000 * r['step_s']:.1f} | "
+                         f"{r['images_per_s']:,.0f} | {r['speedup_over_fp32']:.2f}x | {fraction} | {memory} |")
+    if report.get("distances"):
+        sizes = sorted({r["n"] for r in report["distances"]})
+        lines += ["", "**Distances**, forward + backward at n embeddings per side (d = 128): milliseconds "
+                  "(peak memory), and as a share of the bf16 dmssl step:", "",
+                  "| distance | " + " | ".join(f"n={n:,}" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
+        for name in dict.fromkeys(r["distance"] for r in report["distances"]):
+            cells = []
+            for n in sizes:
+                match = [r for r in report["distances"] if r["distance"] == name and r["n"] == n]
+                if not match or match[0]["seconds"] is None:
+                    cells.append("out of memory" if match else "-")
+                    continue
+                cells.append(f"{1000 * match[0]['seconds']:.1f} ({match[0]['peak_bytes'] / 2**20:,.0f} MiB; "
+                             f"{match[0]['fraction_of_encoder_fb']:.2f})")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if report.get("quality"):
+        lines += ["", "**Quality and the loader** (the trainer itself, one seed; data wait = share of the loop spent "
+                  "waiting for the DataLoader):", "",
+                  "| objective | labels | steps | test accuracy | train (s) | data wait | precision |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["quality"]:
+            if "error" in r:
+                lines.append(f"| {r['objective']} | - | - | failed: {r['error']} | - | - | - |")
+                continue
+            lines.append(f"| {r['objective']} | {r['num_labeled']} | {r['steps']} | {r['test_accuracy']:.4f} | "
+                         f"{r['train_seconds']:.0f} | {100 * r['data_wait_share']:.1f} % | {r['mixed_precision']} |")
+    for note in report.get("notes", []):
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="small sizes and the bundled digits: a CPU smoke run")
+    parser.add_argument("--cifar", help="CIFAR-10 image-folder archive (cifar10-jpg.tar.gz) for the quality check")
+    parser.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget (default 8)")
+    parser.add_argument("--json", type=Path, help="write the figures here (rewritten after each part)")
+    parser.add_argument("--render", type=Path, help="only render this JSON report as markdown")
+    parser.add_argument("--write", type=Path, help="replace the gpu-check section of this markdown file")
+    args = parser.parse_args()
+    if args.render:
+        text = render(json.loads(args.render.read_text(encoding="utf-8")))
+        print(text)
+        if args.write:
+            write_section(args.write, "gpu-check", text)
+        return 0
+    if not args.tiny and not args.cifar:
+        parser.error("--cifar PATH is needed for the quality check (or pass --tiny)")
+    started = time.monotonic()
+    budget = args.minutes * 60
+    on_cuda = DEVICE.type == "cuda"
+    report: dict[str, Any] = {
+        "date": date.today().isoformat(), "command": "python benchmarks/gpu_check.py " + " ".join(sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if on_cuda else "CPU", "torch": f"torch {torch.__version__}",
+        "cpu_count": os.cpu_count(), "tiny": args.tiny, "notes": []}
+
+    def save() -> None:
+        report["wall_seconds"] = time.monotonic() - started
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+    # Compiling on a CPU costs minutes of a smoke run's budget and needs a C++ compiler: GPU runs only.
+    compile_ok = on_cuda
+    if not compile_ok:
+        report["notes"].append("torch.compile was not measured: it is timed on a GPU only in this script.")
+    report["speed"] = step_speed(args.tiny, compile_ok, repeats=3 if args.tiny else 20)
+    save()
+    dmssl_bf16 = next(r for r in report["speed"] if r["objective"] == "dmssl" and r["variant"] == "bf16+cl")
+    sizes = [64, 128] if args.tiny else [1024, 2048, 4096, 8192, 16384]
+    report["distances"] = distance_costs(sizes, [128], 3 if args.tiny else 5, dmssl_bf16["step_s"])
+    for row in report["distances"]:
+        print(f"distance {row['distance']} n={row['n']}: {1000 * row['seconds']:.1f} ms, "
+              f"{row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    save()
+    seconds_left = budget - (time.monotonic() - started)
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    report["quality"] = quality(args.tiny, args.cifar, seconds_left, dmssl_bf16["step_s"], workers)
+    save()
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
