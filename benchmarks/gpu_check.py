@@ -45,8 +45,7 @@ from benchmarks.speed import (  # noqa: E402
     wrn_step_flops,
 )
 from dmssl.config import resolve  # noqa: E402
-from dmssl.distances import build_distance  # noqa: E402
-from dmssl.objective import build_objective  # noqa: E402
+from dmssl.objective import objective_from_config  # noqa: E402
 
 # The adapter by module path: this script also runs from a plain checkout, where no entry point is installed.
 IMAGE = "modality.name=modalities.image:ImageModality"
@@ -66,8 +65,7 @@ def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any
         from modalities.image import ImageModality
 
         adapter = ImageModality(cfg.modality.options, cfg.data, cfg.model)
-        distance = build_distance(cfg.distance.name, **cfg.distance.options())
-        views = build_objective(cfg.objective, 10, distance).unlabeled_views
+        views = objective_from_config(cfg, 10).unlabeled_views
         b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
         size = 8 if tiny else 32
         generator = torch.Generator().manual_seed(0)

@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dmssl.config import ObjectiveConfig, resolve  # noqa: E402
+from dmssl.config import resolve  # noqa: E402
 from dmssl.data import StepDataset  # noqa: E402
 from dmssl.distances import build_distance  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
-from dmssl.objective import build_objective  # noqa: E402
+from dmssl.objective import objective_from_config  # noqa: E402
 from dmssl.registry import load_modality  # noqa: E402
 from dmssl.trainer import build_optimizer, split_step  # noqa: E402
 
@@ -121,7 +121,7 @@ def objective_steps(recipe: list[str], repeats: int) -> dict[str, Any]:
     fns: dict[str, Callable[[], Any]] = {}
     sizes: dict[str, int] = {}
     for name in ("supervised", "fixmatch", "sscl", "dmssl"):
-        objective = build_objective(ObjectiveConfig(name=name), 10, build_distance(cfg.distance.name, **cfg.distance.options()))
+        objective = objective_from_config(resolve(recipe + [f"objective.name={name}"]), 10)
         views = objective.unlabeled_views
         images = torch.randint(0, 256, (b + len(views) * u, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
         batch = {"labels": labels, "num_unlabeled": u if views else 0, "unlabeled_targets": torch.randint(0, 10, (u,), device=DEVICE)}
@@ -140,7 +140,7 @@ def objective_steps(recipe: list[str], repeats: int) -> dict[str, Any]:
 
         fns[name], fns[f"{name}/plain"] = step, plain
     # The matching term's own cost: the distance alone on this step's embeddings.
-    distance = build_distance(cfg.distance.name, **cfg.distance.options())
+    distance = build_distance(cfg.distance.name, cfg.distance.options)
     x = torch.nn.functional.normalize(torch.randn(b, cfg.model.proj_dim, device=DEVICE), dim=1).requires_grad_()
     y = torch.nn.functional.normalize(torch.randn(u, cfg.model.proj_dim, device=DEVICE), dim=1).requires_grad_()
     fns["matching"] = lambda: distance(x, y).backward()
@@ -213,7 +213,7 @@ def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any]
         model.to(memory_format=torch.channels_last)
     if compile:
         model.encoder.compile()
-    objective = build_objective(cfg.objective, num_classes, build_distance(cfg.distance.name, **cfg.distance.options()))
+    objective = objective_from_config(cfg, num_classes)
     optimizer = build_optimizer(model, cfg.trainer)
     item = send_to_device(item, DEVICE)
 
@@ -421,8 +421,11 @@ def main() -> int:
                    "distances": distance_costs(sizes, widths, repeats, encoder_fb),
                    "loading": [loader_vs_step(recipe, repeats) for recipe in recipes]}
     if "d" in args.sections:
-        report |= {"variants": variants,
-                   "precision": [precision_variants(recipe, 2 if args.quick else 5, variants) for recipe in recipes]}
+        report |= {"variants": variants, "precision": []}
+        for recipe in recipes:  # saved after each recipe: a long run cut short keeps what it measured
+            report["precision"].append(precision_variants(recipe, 2 if args.quick else 5, variants))
+            if args.json:
+                args.json.write_text(json.dumps(report, indent=2))
     texts = []
     if "objectives" in report:
         texts.append(("speed", markdown(report)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,76 +85,34 @@ class ModelConfig:
 
 
 @dataclass
-class ObjectiveConfig:
-    """The training objective: the method (dmssl) or one of its baselines."""
+class MethodConfig:
+    """A registered method (objective, distance or pseudo-labeller) and its own `Options`.
 
-    # supervised: labeled CE only; fixmatch: + thresholded pseudo-label CE on a strong view;
-    # sscl: prototype contrastive loss (Gauffre et al.); dmssl: sscl + lambda_dm * distance.
-    name: Literal["supervised", "fixmatch", "sscl", "dmssl"] = "dmssl"
-    pseudo_label_threshold: float = 0.95  # FixMatch's tau, on the weak view's class probabilities
-    temperature: float = 0.1  # for prototype logits (z . p / T) and the contrastive loss
-    # Guards against pseudo-labels collapsing onto one class.
-    distribution_alignment: bool = False  # weak-view probs x uniform / running mean, then threshold
-    alignment_momentum: float = 0.999  # of the running mean of the weak-view predictions
-    lambda_u: float = 1.0  # fixmatch: weight of the pseudo-label CE
-    lambda_dm: float = 1.0  # dmssl: weight of the distribution-matching distance
-    dm_views: Literal["weak", "strong", "both"] = "weak"  # unlabeled views matched to labeled
-    class_conditional: bool = False  # match labeled class k to unlabeled pseudo-labeled k
-    dm_warmup_steps: int = 0  # ramp lambda_dm linearly from 0 over this many steps
-    prototype_anchor_weight: float = 0.0  # prototypes as anchors (0: positives/negatives only)
-    unconfident_weight: float = 1.0  # weight of the SimCLR term of unconfident unlabeled views
-    labeled_ce_weight: float = 0.0  # optional plain CE on labeled prototype logits
+    In YAML and on the command line the options sit flat beside `name` (`objective.lambda_dm=2`);
+    which keys exist is declared by the chosen class's `Options` dataclass, next to the class.
+    """
 
-    def validate(self) -> None:
-        if not 0.0 < self.pseudo_label_threshold <= 1.0:
-            raise ConfigError(
-                f"objective.pseudo_label_threshold={self.pseudo_label_threshold} must be in (0, 1]"
-            )
-        if self.temperature <= 0:
-            raise ConfigError(f"objective.temperature={self.temperature} must be > 0")
-        if not 0.0 <= self.alignment_momentum < 1.0:
-            raise ConfigError(f"objective.alignment_momentum={self.alignment_momentum} must be in [0, 1)")
-        for key in ("lambda_u", "lambda_dm", "prototype_anchor_weight", "unconfident_weight",
-                    "labeled_ce_weight"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"objective.{key}={getattr(self, key)} must be >= 0")
-        if self.dm_warmup_steps < 0:
-            raise ConfigError(f"objective.dm_warmup_steps={self.dm_warmup_steps} must be >= 0")
+    name: str
+    options: Any = None
 
 
-@dataclass
-class DistanceConfig:
-    """The distance between labeled and unlabeled embeddings (used by objective dmssl)."""
+def _registries() -> dict[str, tuple[Any, str]]:
+    """section -> (registry, default name). Imported late: the method modules import torch."""
+    from dmssl.distances import DISTANCES
+    from dmssl.objective import OBJECTIVES
+    from dmssl.pseudo_label import PSEUDO_LABELLERS
 
-    name: Literal["cosine", "mmd", "wasserstein"] = "mmd"
-    kernel: Literal["gaussian", "imq", "laplacian", "cosine", "linear"] = "gaussian"  # mmd
-    bandwidths: list[float] | None = None  # mmd; None = median heuristic
-    median_scales: list[float] = field(default_factory=lambda: [1.0])  # multiples of the median
-    estimator: Literal["unbiased", "biased"] = "unbiased"  # mmd
-    method: Literal["sliced", "sinkhorn"] = "sliced"  # wasserstein
-    num_projections: int = 128  # wasserstein, sliced
-    epsilon: float = 0.05  # wasserstein, sinkhorn: entropic regularisation
-    sinkhorn_iterations: int = 100
+    return {"objective": (OBJECTIVES, "dmssl"), "pseudo_label": (PSEUDO_LABELLERS, "fixed"),
+            "distance": (DISTANCES, "mmd")}
 
-    def validate(self) -> None:
-        if self.bandwidths is not None and any(b <= 0 for b in self.bandwidths):
-            raise ConfigError(f"distance.bandwidths={self.bandwidths} must all be > 0")
-        if not self.median_scales or any(s <= 0 for s in self.median_scales):
-            raise ConfigError(f"distance.median_scales={self.median_scales} must be > 0")
-        _positive("distance.num_projections", self.num_projections)
-        _positive("distance.sinkhorn_iterations", self.sinkhorn_iterations)
-        if self.epsilon <= 0:
-            raise ConfigError(f"distance.epsilon={self.epsilon} must be > 0")
 
-    def options(self) -> dict[str, Any]:
-        """Keyword options for `build_distance(self.name, **options)`."""
-        if self.name == "mmd":
-            return {"kernel": self.kernel, "bandwidths": self.bandwidths,
-                    "median_scales": self.median_scales, "estimator": self.estimator}
-        if self.name == "wasserstein":
-            return {"method": self.method, "num_projections": self.num_projections,
-                    "epsilon": self.epsilon, "iterations": self.sinkhorn_iterations}
-        return {}
+# Keys that moved; an old key stops with its new name (recipes and command lines written for 0.1).
+MOVED_KEYS = {
+    "objective.pseudo_label_threshold": "pseudo_label.threshold",
+    "objective.distribution_alignment": "pseudo_label.distribution_alignment",
+    "objective.alignment_momentum": "pseudo_label.alignment_momentum",
+    "distance.sinkhorn_iterations": "distance.iterations",
+}
 
 
 @dataclass
@@ -176,8 +136,7 @@ class TrainerConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    # auto: bf16 autocast on a bf16 GPU or a CPU with AMX / AVX512_BF16, fp32 elsewhere (docs/precision.md)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a bf16 GPU or a CPU with AMX/AVX512_BF16, else fp32
     channels_last: bool = True  # NHWC convolution weights: faster on CPUs (fp32 and bf16) and on GPUs in bf16
     compile: bool = False  # torch.compile the encoder (a minute or more of compiling first; see docs/precision.md)
     log_with: Literal["none", "tensorboard"] = "none"
@@ -219,18 +178,23 @@ class Config:
     modality: ModalityConfig = field(default_factory=ModalityConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
-    distance: DistanceConfig = field(default_factory=DistanceConfig)
+    objective: MethodConfig = field(default_factory=lambda: MethodConfig("dmssl"))
+    pseudo_label: MethodConfig = field(default_factory=lambda: MethodConfig("fixed"))
+    distance: MethodConfig = field(default_factory=lambda: MethodConfig("mmd"))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     recipe: str = "custom"  # the recipe's name; used for the default output folder
     seed: int = 0  # seeds the label split, data order, views, initialisation and projections
     output_dir: str | None = None  # default: runs/<recipe>-<time>
     resume: str = "never"  # never, auto (newest readable checkpoint in output_dir), or a checkpoint file
     overwrite: bool = False  # allow reusing an output_dir that holds a different run
+    plugins: list[str] = field(default_factory=list)  # modules imported first: their registered methods become names
 
     def validate(self) -> None:
-        for section in (self.data, self.model, self.objective, self.distance, self.trainer):
+        for section in (self.data, self.model, self.trainer):
             section.validate()
+        for method in (self.objective, self.pseudo_label, self.distance):
+            if hasattr(method.options, "validate"):
+                method.options.validate()
         if self.resume not in ("never", "auto") and not Path(self.resume).is_file():
             raise ConfigError(
                 f"resume={self.resume!r}: expected 'never', 'auto' or an existing checkpoint file"
@@ -240,9 +204,9 @@ class Config:
             options.validate()
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "objective": ObjectiveConfig,
-            "distance": DistanceConfig, "trainer": TrainerConfig}
-TOP_LEVEL = ("recipe", "seed", "output_dir", "resume", "overwrite")
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "trainer": TrainerConfig}
+METHOD_SECTIONS = ("objective", "pseudo_label", "distance")
+TOP_LEVEL = ("recipe", "seed", "output_dir", "resume", "overwrite", "plugins")
 
 
 def _positive(key: str, value: int | float | None) -> None:
@@ -424,32 +388,109 @@ def unknown_key(key: str, valid: list[str]) -> ConfigError:
     return ConfigError(f"unknown key {key!r}{hint} Valid keys: {shown}")
 
 
+def method_keys(section: str) -> dict[str, list[str]]:
+    """name -> the option keys of that registered method, for one method section."""
+    registry, _ = _registries()[section]
+    return {name: [f.name for f in dataclasses.fields(registry.get(name).Options)] for name in registry.names()}
+
+
 def all_keys(options_cls: type | None = None) -> list[str]:
     """Every dotted key a recipe or override may set."""
     keys = [f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    for section in METHOD_SECTIONS:
+        keys.append(f"{section}.name")
+        keys += sorted({f"{section}.{k}" for names in method_keys(section).values() for k in names})
     keys += ["modality.name"] + list(TOP_LEVEL)
     if options_cls is not None:
         keys += [f"modality.{f.name}" for f in dataclasses.fields(options_cls)]
     return keys
 
 
-def build_config(tree: dict[str, Any], options_cls: type | None) -> Config:
-    """Turn a merged dict (recipe + overrides + defaults) into a validated `Config`."""
+def method_from_dict(section: str, values: Any, explicit: set[str], valid: list[str]) -> MethodConfig:
+    """`{name: dmssl, lambda_dm: 2}` -> MethodConfig("dmssl", DistributionMatching.Options(lambda_dm=2)).
+
+    A key that another method of the section declares is dropped when it came from a recipe or defaults
+    (a recipe written for dmssl still runs with objective.name=fixmatch), and refused when it was given on
+    the command line (it would do nothing). A key no method declares is refused with the nearest one.
+    """
+    if not isinstance(values, dict):
+        raise ConfigError(f"{section} must be a section (a mapping), got {values!r}")
+    registry, default = _registries()[section]
+    values = dict(values)
+    name = coerce(values.pop("name", default), str, f"{section}.name")
+    try:
+        cls = registry.get(name)
+    except ConfigError as err:  # the registry's message lists the registered names
+        raise ConfigError(f"{section}.name={name!r}: {err}") from None
+    own = {f.name for f in dataclasses.fields(cls.Options)}
+    others = method_keys(section)
+    kept = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key in own:
+            kept[key] = value
+        elif any(key in keys for keys in others.values()):
+            if dotted in explicit:
+                owners = ", ".join(n for n, keys in others.items() if key in keys)
+                raise ConfigError(f"{dotted} is an option of {section}.name={owners}, not of {section}.name={name}; "
+                                  f"options of {name}: {', '.join(sorted(own)) or 'none'}")
+        else:
+            raise unknown_key(dotted, valid)
+    return MethodConfig(name=name, options=section_from_dict(cls.Options, kept, section))
+
+
+def check_finite(tree: Any, prefix: str = "") -> None:
+    """Every float in a (dataclass) config must be finite: nan or inf would only fail at the first step."""
+    if isinstance(tree, MethodConfig):
+        check_finite(tree.options, prefix)
+    elif dataclasses.is_dataclass(tree):
+        for f in dataclasses.fields(tree):
+            check_finite(getattr(tree, f.name), f"{prefix}{f.name}")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        raise ConfigError(f"{prefix}={tree} must be a finite number")
+    elif isinstance(tree, list):
+        for i, item in enumerate(tree):
+            check_finite(item, f"{prefix}[{i}]")
+
+
+def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[str] | None = None) -> Config:
+    """Turn a merged dict (recipe + overrides + defaults) into a validated `Config`.
+
+    `explicit`: the dotted keys given on the command line (stricter about keys of another method).
+    """
+    explicit = explicit or set()
+    for key, value in flatten_tree(tree).items():
+        if key in MOVED_KEYS:
+            raise ConfigError(f"{key} was renamed: use {MOVED_KEYS[key]}={value}")
     valid = all_keys(options_cls)
-    known = set(SECTIONS) | {"modality"} | set(TOP_LEVEL)
+    known = set(SECTIONS) | set(METHOD_SECTIONS) | {"modality"} | set(TOP_LEVEL)
     for key in tree:
         if key not in known:
             raise unknown_key(key, valid)
     sections = {name: section_from_dict(cls, tree.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    methods = {name: method_from_dict(name, tree.get(name) or {}, explicit, valid) for name in METHOD_SECTIONS}
     modality_tree = dict(tree.get("modality") or {})
     name = coerce(modality_tree.pop("name", "image"), str, "modality.name")
     options = section_from_dict(options_cls, modality_tree, "modality") if options_cls else None
     if options_cls is None and modality_tree:
         raise unknown_key(f"modality.{next(iter(modality_tree))}", valid)
     top = {k: coerce(tree[k], typing.get_type_hints(Config)[k], k) for k in TOP_LEVEL if k in tree}
-    cfg = Config(modality=ModalityConfig(name=name, options=options), **sections, **top)
+    cfg = Config(modality=ModalityConfig(name=name, options=options), **sections, **methods, **top)
+    for section in ("data", "model", "trainer", *METHOD_SECTIONS):
+        check_finite(getattr(cfg, section), f"{section}.")
+    check_finite(options, "modality.")
     cfg.validate()
     return cfg
+
+
+def flatten_tree(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten_tree(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:
@@ -459,11 +500,26 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     if cfg.modality.options is not None:
         modality.update(dataclasses.asdict(cfg.modality.options))
     tree["modality"] = modality
-    for name in SECTIONS:
+    for name in ("data", "model"):
         tree[name] = dataclasses.asdict(getattr(cfg, name))
+    for name in METHOD_SECTIONS:
+        method = getattr(cfg, name)
+        tree[name] = {"name": method.name, **dataclasses.asdict(method.options)}
+    tree["trainer"] = dataclasses.asdict(cfg.trainer)
     for key in TOP_LEVEL[1:]:
         tree[key] = getattr(cfg, key)
     return tree
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Import each module (once): a module that registers an objective, distance or pseudo-labeller makes
+    its name valid in this config (`plugins=[mypkg.losses]`)."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            raise ConfigError(f"plugins: cannot import {module!r} ({err}); is it on PYTHONPATH or installed "
+                              "(pip install -e your package)?") from None
 
 
 def resolve(tokens: list[str]) -> Config:
@@ -471,12 +527,14 @@ def resolve(tokens: list[str]) -> Config:
     from dmssl.registry import load_modality  # late import: the registry imports adapters lazily
 
     pairs = parse_overrides(tokens)
+    explicit = {k for k, _ in pairs}
     recipes = [v for k, v in pairs if k == "recipe"]
     tree: dict[str, Any] = load_recipe(recipes[-1]) if recipes else {"recipe": "custom"}
     for key, value in pairs:
         if key != "recipe":
             apply_override(tree, key, value)
+    import_plugins(coerce(tree.get("plugins", []), list[str], "plugins"))
     modality_name = str((tree.get("modality") or {}).get("name", "image"))
     adapter_cls = load_modality(modality_name)
     tree = deep_merge(getattr(adapter_cls, "defaults", {}) or {}, tree)
-    return build_config(tree, getattr(adapter_cls, "Options", None))
+    return build_config(tree, getattr(adapter_cls, "Options", None), explicit)

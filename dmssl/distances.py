@@ -16,13 +16,17 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmssl.errors import ConfigError
 from dmssl.kernels import KERNELS, Kernel, squared_distances
 from dmssl.registry import Registry
 
@@ -142,8 +146,18 @@ def sinkhorn(x: torch.Tensor, y: torch.Tensor, epsilon: float = 0.05, iterations
 # ---------------------------------------------------------------- modules
 
 
+@dataclass
+class NoOptions:
+    """A distance without options."""
+
+
 class Distance(nn.Module):
-    """Base class: `forward(x, y, generator=None) -> 0-dim tensor`; only random distances use the generator."""
+    """Base class: `forward(x, y, generator=None) -> 0-dim tensor`; only random distances use the generator.
+
+    `Options` is the dataclass of its `distance.*` keys; its fields are the constructor's keyword arguments.
+    """
+
+    Options: ClassVar[type] = NoOptions
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -153,8 +167,28 @@ class Distance(nn.Module):
 class CosineDistance(Distance):
     """1 - cosine similarity of the two means (see `cosine_distance`)."""
 
+    Options = NoOptions
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return cosine_distance(x, y)
+
+
+@dataclass
+class MMDOptions:
+    kernel: str = "gaussian"  # a registered kernel: gaussian, imq, laplacian, cosine, linear
+    bandwidths: list[float] | None = None  # kernel bandwidths (sigma); null = the median heuristic
+    median_scales: list[float] = field(default_factory=lambda: [1.0])  # multiples of the median bandwidth, averaged
+    estimator: Literal["unbiased", "biased"] = "unbiased"  # U-statistic or V-statistic
+
+    def validate(self) -> None:
+        try:
+            KERNELS.get(self.kernel)
+        except ConfigError as err:  # the registry's message lists the kernels
+            raise ConfigError(f"distance.kernel={self.kernel!r}: {err}") from None
+        if self.bandwidths is not None and any(b <= 0 for b in self.bandwidths):
+            raise ConfigError(f"distance.bandwidths={self.bandwidths} must all be > 0")
+        if not self.median_scales or any(s <= 0 for s in self.median_scales):
+            raise ConfigError(f"distance.median_scales={self.median_scales} must be > 0")
 
 
 @DISTANCES.register("mmd")
@@ -168,6 +202,8 @@ class MMD(Distance):
         estimator: "unbiased" (U-statistic) or "biased" (V-statistic).
     """
 
+    Options = MMDOptions
+
     def __init__(self, kernel: str = "gaussian", bandwidths: Sequence[float] | None = None,
                  median_scales: Sequence[float] = (1.0,), estimator: str = "unbiased") -> None:
         super().__init__()
@@ -178,6 +214,22 @@ class MMD(Distance):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return mmd2(x, y, self.kernel, unbiased=self.unbiased)
+
+
+@dataclass
+class WassersteinOptions:
+    method: Literal["sliced", "sinkhorn"] = "sliced"  # sliced (fast) or sinkhorn (entropic, debiased)
+    num_projections: int = 128  # sliced: random directions per step
+    p: int = 2  # sliced: order of the 1-D Wasserstein distance
+    epsilon: float = 0.05  # sinkhorn: entropic regularisation
+    iterations: int = 100  # sinkhorn: iterations
+
+    def validate(self) -> None:
+        for key in ("num_projections", "p", "iterations"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"distance.{key}={getattr(self, key)} must be >= 1")
+        if self.epsilon <= 0:
+            raise ConfigError(f"distance.epsilon={self.epsilon} must be > 0")
 
 
 @DISTANCES.register("wasserstein")
@@ -191,6 +243,8 @@ class Wasserstein(Distance):
         seed: sliced: directions when no generator is passed (the trainer passes one per step).
         epsilon, iterations, debias: sinkhorn: entropic regularisation, iterations, debiasing.
     """
+
+    Options = WassersteinOptions
 
     def __init__(self, method: str = "sliced", num_projections: int = 128, p: int = 2, seed: int = 0,
                  epsilon: float = 0.05, iterations: int = 100, debias: bool = True) -> None:
@@ -210,9 +264,11 @@ class Wasserstein(Distance):
         return sliced_wasserstein(x, y, self.num_projections, self.p, generator)
 
 
-def build_distance(name: str, **options: object) -> Distance:
-    """`build_distance("mmd", kernel="imq")` -> a callable `(x, y) -> 0-dim tensor`.
+def build_distance(name: str, options: Any = None, **overrides: Any) -> Distance:
+    """`build_distance("mmd", kernel="imq")` or `build_distance("mmd", MMD.Options(...))` -> `(x, y) -> 0-dim tensor`.
 
-    Names: cosine, mmd, wasserstein. Unknown names or options raise ConfigError listing what exists.
+    Names: the registered distances (cosine, mmd, wasserstein, and any registered later). Unknown names
+    or options raise ConfigError listing what exists.
     """
-    return DISTANCES.build(name, **options)
+    values = dataclasses.asdict(options) if options is not None else {}
+    return DISTANCES.build(name, **(values | overrides))

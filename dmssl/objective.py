@@ -12,17 +12,21 @@ builds and the encoder runs only those: a supervised baseline costs a supervised
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmssl.config import ObjectiveConfig
-from dmssl.dist import gather_with_grad, mean_over_processes
-from dmssl.distances import Distance
-from dmssl.losses import masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
+from dmssl.distances import Distance, build_distance
+from dmssl.distributed import gather_with_grad
+from dmssl.errors import ConfigError
+from dmssl.losses import masked_cross_entropy, prototype_logits, weighted_supcon
+from dmssl.pseudo_label import FixedThreshold, PseudoLabeller, build_pseudo_labeller
 from dmssl.registry import Registry
+
+if TYPE_CHECKING:
+    from dmssl.config import Config
 
 OBJECTIVES: Registry[type[Objective]] = Registry("objective")
 
@@ -57,47 +61,56 @@ class ObjectiveOutput:
     logs: dict[str, torch.Tensor]
 
 
+@dataclass
+class SupervisedOptions:
+    temperature: float = 0.1  # T of the prototype logits z . p / T (and of the contrastive loss)
+
+    def validate(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"objective.temperature={self.temperature} must be > 0")
+
+
 class Objective(nn.Module):
-    """Base class: `forward(embeddings, step) -> ObjectiveOutput`."""
+    """Base class: `forward(embeddings, step) -> ObjectiveOutput`.
 
+    A subclass declares its `Options` dataclass (the `objective.*` keys it reads), the unlabeled views it
+    needs, and whether it takes a distance. The pseudo-labeller (`pseudo_label.*`) is built by the caller
+    and shared by every objective that uses unlabeled data.
+    """
+
+    Options: ClassVar[type] = SupervisedOptions
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
+    needs_distance: ClassVar[bool] = False
 
-    def __init__(self, cfg: ObjectiveConfig, num_classes: int, distance: Distance | None = None,
-                 seed: int = 0) -> None:
+    def __init__(self, options: Any, num_classes: int, distance: Distance | None = None,
+                 pseudo_labeller: PseudoLabeller | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.cfg = cfg
+        if self.needs_distance and distance is None:
+            raise ValueError(f"objective {type(self).__name__} needs a distance")
+        self.options = options
         self.num_classes = num_classes
-        self.distance = distance
+        self.distance = distance if self.needs_distance else None
+        # A submodule, so that checkpoints carry its running statistics with the objective's state.
+        self.pseudo_labeller = pseudo_labeller if self.unlabeled_views else None
         self.seed = seed
-        # Running mean of the weak-view class probabilities; a buffer so that checkpoints carry it.
-        self.register_buffer("prediction_mean", torch.full((num_classes,), 1.0 / num_classes))
 
     def supervised_ce(self, emb: StepEmbeddings) -> torch.Tensor:
-        return F.cross_entropy(prototype_logits(emb.labeled, emb.prototypes, self.cfg.temperature), emb.labels)
+        return F.cross_entropy(prototype_logits(emb.labeled, emb.prototypes, self.options.temperature), emb.labels)
 
     def pseudo_label(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Pseudo-labels and confidence mask from the weak view, with mask rate and accuracy logs."""
+        """Targets and per-sample weights in [0, 1] from the weak view, with mask rate and accuracy logs."""
         assert emb.weak is not None, "this objective needs the weak unlabeled view"
-        logits = prototype_logits(emb.weak.detach(), emb.prototypes.detach(), self.cfg.temperature)
-        class_weights = self.update_alignment(logits) if self.cfg.distribution_alignment else None
-        labels, mask, _ = pseudo_labels(logits, self.cfg.pseudo_label_threshold, class_weights)
-        logs = {"mask_rate": mask.float().mean()}
-        if class_weights is not None:
-            logs["prediction_max_share"] = self.prediction_mean.max()
+        assert self.pseudo_labeller is not None, "this objective needs a pseudo-labeller"
+        logits = prototype_logits(emb.weak.detach(), emb.prototypes.detach(), self.options.temperature)
+        result = self.pseudo_labeller(logits.float().softmax(dim=1))
+        labels, weights = result.targets, result.weights
+        logs = {"mask_rate": weights.mean(), **self.pseudo_labeller.logs()}
         if emb.unlabeled_targets is not None:
-            known = mask & (emb.unlabeled_targets >= 0)
-            correct = (labels == emb.unlabeled_targets) & known
-            logs["pseudo_label_accuracy"] = correct.sum() / known.sum() if known.any() else torch.tensor(float("nan"))
-        return labels, mask, logs
-
-    @torch.no_grad()
-    def update_alignment(self, logits: torch.Tensor) -> torch.Tensor:
-        """Fold this step's mean prediction (over all processes) into the running mean; return the
-        class weights uniform / running mean."""
-        batch_mean = mean_over_processes(logits.float().softmax(dim=1).mean(dim=0))
-        m = self.cfg.alignment_momentum
-        self.prediction_mean = m * self.prediction_mean.to(batch_mean.device) + (1 - m) * batch_mean
-        return (1.0 / self.num_classes) / self.prediction_mean.clamp_min(1e-6)
+            known = (weights > 0) & (emb.unlabeled_targets >= 0)
+            correct = ((labels == emb.unlabeled_targets) & known).float()
+            logs["pseudo_label_accuracy"] = ((correct * weights).sum() / (weights * known).sum() if known.any()
+                                             else torch.tensor(float("nan")))
+        return labels, weights, logs
 
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
         raise NotImplementedError
@@ -112,52 +125,82 @@ class Supervised(Objective):
         return ObjectiveOutput(ce, {"loss": ce.detach(), "loss_ce": ce.detach()})
 
 
+@dataclass
+class FixMatchOptions(SupervisedOptions):
+    lambda_u: float = 1.0  # weight of the unlabeled term mean_b w_b CE(strong_b, target_b)
+
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "lambda_u")
+
+
 @OBJECTIVES.register("fixmatch")
 class FixMatch(Objective):
-    """Labeled CE + lambda_u * CE of a strong view against the confident weak-view pseudo-label."""
+    """Labeled CE + lambda_u * mean_b w_b CE(strong view_b, pseudo-label_b), w_b from the pseudo-labeller."""
 
+    Options = FixMatchOptions
     unlabeled_views = ("weak", "strong")
 
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
         ce = self.supervised_ce(emb)
-        targets, mask, logs = self.pseudo_label(emb)
-        strong_logits = prototype_logits(emb.strong[0], emb.prototypes, self.cfg.temperature)
-        unlabeled_ce = masked_cross_entropy(strong_logits, targets, mask)
-        loss = ce + self.cfg.lambda_u * unlabeled_ce
+        targets, weights, logs = self.pseudo_label(emb)
+        strong_logits = prototype_logits(emb.strong[0], emb.prototypes, self.options.temperature)
+        unlabeled_ce = masked_cross_entropy(strong_logits, targets, weights)
+        loss = ce + self.options.lambda_u * unlabeled_ce
         logs.update(loss=loss.detach(), loss_ce=ce.detach(), loss_unlabeled=unlabeled_ce.detach())
         return ObjectiveOutput(loss, logs)
+
+
+@dataclass
+class ContrastiveOptions(SupervisedOptions):
+    prototype_anchor_weight: float = 0.0  # prototypes as anchors (0: positives/negatives only)
+    unconfident_weight: float = 1.0  # anchor weight of the SimCLR term of unconfident unlabeled views
+    labeled_ce_weight: float = 0.0  # optional plain CE on labeled prototype logits
+
+    def validate(self) -> None:
+        super().validate()
+        for key in ("prototype_anchor_weight", "unconfident_weight", "labeled_ce_weight"):
+            _non_negative(self, key)
+
+
+# An unlabeled view joins its pseudo-class when its weight reaches this: masks (0/1) behave as before,
+# and a soft weight must mean "more likely right than not" before the view is another anchor's positive.
+POSITIVE_WEIGHT = 0.5
 
 
 @OBJECTIVES.register("sscl")
 class SemiSupervisedContrastive(Objective):
     """One weighted SupCon loss over [prototypes; labeled; strong1; strong2] (Gauffre et al., 2024).
 
-    Labels: prototypes 0..K-1, labeled y, unlabeled the pseudo-label where confident and otherwise a
-    unique id K + i shared by its two strong views only (a SimCLR pair). Anchor weights: prototypes
-    `prototype_anchor_weight` (0: not anchors), labeled 1, confident 1, unconfident `unconfident_weight`.
-    With only prototypes to compare against, a labeled anchor's term is exactly the prototype CE.
+    Labels: prototypes 0..K-1, labeled y, an unlabeled view its pseudo-label where its pseudo-label
+    weight w_b >= 0.5 (confident) and otherwise a unique id K + i shared by its two strong views only (a
+    SimCLR pair). Anchor weights: prototypes `prototype_anchor_weight` (0: not anchors), labeled 1,
+    confident w_b (1 for a mask), unconfident `unconfident_weight`. With only prototypes to compare
+    against, a labeled anchor's term is exactly the prototype CE.
     """
 
+    Options = ContrastiveOptions
     unlabeled_views = ("weak", "strong", "strong")
 
     def contrastive(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
-        pseudo, mask, logs = self.pseudo_label(emb)
+        pseudo, pseudo_weights, logs = self.pseudo_label(emb)
+        mask = pseudo_weights >= POSITIVE_WEIGHT
         k, u = self.num_classes, pseudo.shape[0]
         unique_ids = k + torch.arange(u, device=pseudo.device)
         unlabeled_labels = torch.where(mask, pseudo, unique_ids)
         labels = torch.cat([torch.arange(k, device=pseudo.device), emb.labels, unlabeled_labels, unlabeled_labels])
-        unlabeled_weights = torch.where(mask, 1.0, self.cfg.unconfident_weight).to(emb.labeled.dtype)
+        unlabeled_weights = torch.where(mask, pseudo_weights, self.options.unconfident_weight).to(emb.labeled.dtype)
         weights = torch.cat([
-            torch.full((k,), self.cfg.prototype_anchor_weight, device=pseudo.device, dtype=emb.labeled.dtype),
+            torch.full((k,), self.options.prototype_anchor_weight, device=pseudo.device, dtype=emb.labeled.dtype),
             torch.ones(emb.labeled.shape[0], device=pseudo.device, dtype=emb.labeled.dtype),
             unlabeled_weights, unlabeled_weights,
         ])
         embeddings = torch.cat([emb.prototypes, emb.labeled, emb.strong[0], emb.strong[1]])
-        loss = weighted_supcon(embeddings, labels, weights, self.cfg.temperature)
+        loss = weighted_supcon(embeddings, labels, weights, self.options.temperature)
         logs["loss_contrastive"] = loss.detach()
-        if self.cfg.labeled_ce_weight > 0:
+        if self.options.labeled_ce_weight > 0:
             ce = self.supervised_ce(emb)
-            loss = loss + self.cfg.labeled_ce_weight * ce
+            loss = loss + self.options.labeled_ce_weight * ce
             logs["loss_ce"] = ce.detach()
         return loss, pseudo, mask, logs
 
@@ -165,6 +208,19 @@ class SemiSupervisedContrastive(Objective):
         loss, _, _, logs = self.contrastive(emb)
         logs["loss"] = loss.detach()
         return ObjectiveOutput(loss, logs)
+
+
+@dataclass
+class DistributionMatchingOptions(ContrastiveOptions):
+    lambda_dm: float = 1.0  # weight of the distribution-matching distance
+    dm_views: Literal["weak", "strong", "both"] = "weak"  # unlabeled views matched to labeled
+    class_conditional: bool = False  # match labeled class k to unlabeled pseudo-labeled k
+    dm_warmup_steps: int = 0  # ramp lambda_dm linearly from 0 over this many steps
+
+    def validate(self) -> None:
+        super().validate()
+        _non_negative(self, "lambda_dm")
+        _non_negative(self, "dm_warmup_steps")
 
 
 @OBJECTIVES.register("dmssl")
@@ -177,17 +233,14 @@ class DistributionMatching(SemiSupervisedContrastive):
     first, so the distance is that of the global batch. lambda_dm ramps up over `dm_warmup_steps`.
     """
 
-    def __init__(self, cfg: ObjectiveConfig, num_classes: int, distance: Distance | None = None,
-                 seed: int = 0) -> None:
-        if distance is None:
-            raise ValueError("objective dmssl needs a distance")
-        super().__init__(cfg, num_classes, distance, seed)
+    Options = DistributionMatchingOptions
+    needs_distance = True
 
     def unlabeled_for_matching(self, emb: StepEmbeddings) -> torch.Tensor:
         assert emb.weak is not None
-        if self.cfg.dm_views == "weak":
+        if self.options.dm_views == "weak":
             return emb.weak
-        if self.cfg.dm_views == "strong":
+        if self.options.dm_views == "strong":
             return torch.cat(emb.strong)
         return torch.cat([emb.weak, *emb.strong])
 
@@ -196,7 +249,7 @@ class DistributionMatching(SemiSupervisedContrastive):
         unlabeled = gather_with_grad(self.unlabeled_for_matching(emb))
         # The same directions on every process and at every resume: seeded by (seed, step).
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        if not self.cfg.class_conditional:
+        if not self.options.class_conditional:
             return self.distance(labeled, unlabeled, generator=generator)
         copies = unlabeled.shape[0] // pseudo.shape[0] if pseudo.shape[0] else 1
         labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
@@ -211,14 +264,34 @@ class DistributionMatching(SemiSupervisedContrastive):
 
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
         loss, pseudo, mask, logs = self.contrastive(emb)
-        ramp = min(1.0, (step + 1) / self.cfg.dm_warmup_steps) if self.cfg.dm_warmup_steps else 1.0
+        ramp = min(1.0, (step + 1) / self.options.dm_warmup_steps) if self.options.dm_warmup_steps else 1.0
         distance = self.match(emb, pseudo, mask, step)
-        loss = loss + self.cfg.lambda_dm * ramp * distance
+        loss = loss + self.options.lambda_dm * ramp * distance
         logs.update(loss=loss.detach(), distance=distance.detach(),
-                    loss_dm=(self.cfg.lambda_dm * ramp * distance).detach())
+                    loss_dm=(self.options.lambda_dm * ramp * distance).detach())
         return ObjectiveOutput(loss, logs)
 
 
-def build_objective(cfg: ObjectiveConfig, num_classes: int, distance: Distance | None, seed: int = 0) -> Objective:
-    """The registered objective `cfg.name`; the distance is used by dmssl only."""
-    return OBJECTIVES.get(cfg.name)(cfg, num_classes, distance if cfg.name == "dmssl" else None, seed)
+def build_objective(name: str, options: Any = None, num_classes: int = 2, distance: Distance | None = None,
+                    pseudo_labeller: PseudoLabeller | None = None, seed: int = 0) -> Objective:
+    """The registered objective `name` with its Options (defaults when None).
+
+    Without a pseudo-labeller, one that uses unlabeled data gets FixMatch's fixed 0.95 threshold.
+    """
+    cls = OBJECTIVES.get(name)
+    if pseudo_labeller is None and cls.unlabeled_views:
+        pseudo_labeller = FixedThreshold(FixedThreshold.Options(), num_classes)
+    return cls(options if options is not None else cls.Options(), num_classes, distance, pseudo_labeller, seed)
+
+
+def objective_from_config(cfg: Config, num_classes: int) -> Objective:
+    """The run's objective with its pseudo-labeller and, if it takes one, its distance: the one place they are built."""
+    cls = OBJECTIVES.get(cfg.objective.name)
+    distance = build_distance(cfg.distance.name, cfg.distance.options) if cls.needs_distance else None
+    labeller = build_pseudo_labeller(cfg.pseudo_label.name, cfg.pseudo_label.options, num_classes)
+    return build_objective(cfg.objective.name, cfg.objective.options, num_classes, distance, labeller, cfg.seed)
+
+
+def _non_negative(options: Any, key: str) -> None:
+    if getattr(options, key) < 0:
+        raise ConfigError(f"objective.{key}={getattr(options, key)} must be >= 0")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmssl.config import Config, ObjectiveConfig
+from dmssl.config import Config
 from dmssl.data import seeded_rng
 from dmssl.modality import Modality, RawData
 from dmssl.model import SSLModel
@@ -267,7 +267,7 @@ def _check_learns(adapter: Modality, raw: RawData, samples: list, labels: list, 
         return
     torch.manual_seed(seed)
     model = SSLModel(adapter.build_encoder(), raw.num_classes)
-    objective = build_objective(ObjectiveConfig(name="supervised"), raw.num_classes, None)
+    objective = build_objective("supervised", None, raw.num_classes)
     # Small steps: large enough to lower the loss of a random net, small enough not to overshoot a pretrained one.
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     with seeded_rng(seed):

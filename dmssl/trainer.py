@@ -37,10 +37,9 @@ from torch.utils.data import DataLoader
 from dmssl.checkpoint import checkpoint_path, load_checkpoint, load_latest_valid, prune_checkpoints, save_checkpoint
 from dmssl.config import Config, TrainerConfig, config_to_dict
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_labeled
-from dmssl.distances import build_distance
 from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
 from dmssl.model import SSLModel
-from dmssl.objective import StepEmbeddings, build_objective
+from dmssl.objective import StepEmbeddings, objective_from_config
 from dmssl.precision import choose_precision
 from dmssl.registry import load_modality
 
@@ -234,8 +233,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
     if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
-    distance = build_distance(cfg.distance.name, **cfg.distance.options()) if cfg.objective.name == "dmssl" else None
-    objective = build_objective(cfg.objective, num_classes, distance, cfg.seed)
+    objective = objective_from_config(cfg, num_classes)
     optimizer = build_optimizer(model, cfg.trainer)
     ema = EMA(model, cfg.trainer.ema_decay)
     step, elapsed_before = 0, 0.0
@@ -372,7 +370,8 @@ def fit(cfg: Config) -> dict[str, Any]:
         "train_seconds": round(elapsed_before + time.monotonic() - loop_started, 2),
         "stop_reason": stop_reason,
         "objective": cfg.objective.name,
-        "distance": cfg.distance.name if cfg.objective.name == "dmssl" else None,
+        "distance": cfg.distance.name if objective.needs_distance else None,
+        "pseudo_label": cfg.pseudo_label.name if objective.unlabeled_views else None,
         "recipe": cfg.recipe,
         "modality": cfg.modality.name,
         "encoder": cfg.model.encoder,

@@ -79,7 +79,7 @@ def test_finished_with_same_config__reuses_only_a_run_with_the_cells_config(tmp_
     (tmp_path / "summary.json").write_text('{"test_accuracy": 0.5, "steps": 300}')
     assert finished_with_same_config(tmp_path, overrides)
     assert not finished_with_same_config(tmp_path, overrides[:-2] + ["trainer.max_steps=600", overrides[-1]])
-    assert not finished_with_same_config(tmp_path, overrides + ["objective.dm_warmup_steps=100"])
+    assert not finished_with_same_config(tmp_path, overrides + ["objective.unconfident_weight=0.5"])
 
 
 def test_describe_runs_machine__reads_the_runs_not_the_rendering_process():

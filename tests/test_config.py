@@ -14,11 +14,11 @@ from tests.conftest import ROOT
 
 def test_resolve__recipe_and_overrides_are_typed():
     cfg = resolve(["recipe=quickstart", "trainer.max_steps=7", "trainer.lr=1", "distance.name=wasserstein",
-                   "distance.median_scales=0.5,2", "modality.hflip=true", "data.num_labels=none"])
+                   "distance.num_projections=64", "modality.hflip=true", "data.num_labels=none"])
     assert cfg.trainer.max_steps == 7
     assert cfg.trainer.lr == 1.0 and isinstance(cfg.trainer.lr, float)
-    assert cfg.distance.name == "wasserstein"
-    assert cfg.distance.median_scales == [0.5, 2.0]
+    assert cfg.distance.name == "wasserstein" and cfg.distance.options.num_projections == 64
+    assert resolve(["recipe=quickstart", "distance.median_scales=0.5,2"]).distance.options.median_scales == [0.5, 2.0]
     assert cfg.modality.options.hflip is True
     assert cfg.recipe == "quickstart"
 
@@ -26,8 +26,17 @@ def test_resolve__recipe_and_overrides_are_typed():
 def test_resolve__adapter_defaults_apply_unless_recipe_sets_them(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("modality: {name: image}\ndata: {dataset: digits}\n")
-    assert resolve([f"recipe={recipe}"]).distance.median_scales == [0.5, 1.0, 2.0]  # ImageModality.defaults
-    assert resolve([f"recipe={recipe}", "distance.median_scales=[3]"]).distance.median_scales == [3.0]
+    assert resolve([f"recipe={recipe}"]).distance.options.median_scales == [0.5, 1.0, 2.0]  # ImageModality.defaults
+    assert resolve([f"recipe={recipe}", "distance.median_scales=[3]"]).distance.options.median_scales == [3.0]
+
+
+def test_a_recipes_options_of_another_method_are_dropped_when_switching():
+    # quickstart sets distance.median_scales (an MMD option) and objective.lambda_dm (a dmssl option).
+    cfg = resolve(["recipe=quickstart", "objective.name=fixmatch", "distance.name=wasserstein"])
+    assert cfg.objective.name == "fixmatch" and not hasattr(cfg.objective.options, "lambda_dm")
+    assert cfg.distance.name == "wasserstein" and not hasattr(cfg.distance.options, "median_scales")
+    with pytest.raises(ConfigError, match="distance.median_scales is an option of distance.name=mmd"):
+        resolve(["recipe=quickstart", "distance.name=wasserstein", "distance.median_scales=[2]"])
 
 
 def test_config__roundtrip_through_yaml():
@@ -49,8 +58,8 @@ def test_every_recipe_parses_and_validates(name):
     (["recipe=quickstart", "trainer.lr=fast"], "trainer.lr='fast' is not a float"),
     (["recipe=quickstart", "modality.hflip=maybe"], "modality.hflip='maybe' is not a bool"),
     (["recipe=quickstart", "distance.name=wasserstien"], "did you mean 'wasserstein'"),
-    (["recipe=quickstart", "objective.name=mixmatch"], "Allowed: supervised, fixmatch, sscl, dmssl"),
-    (["recipe=quickstart", "objective.pseudo_label_threshold=1.5"], "must be in (0, 1]"),
+    (["recipe=quickstart", "objective.name=mixmatch"], "Available: dmssl, fixmatch, sscl, supervised"),
+    (["recipe=quickstart", "pseudo_label.threshold=1.5"], "must be in (0, 1]"),
     (["recipe=quickstart", "data.mu=0"], "data.mu=0 must be > 0"),
     (["recipe=quickstart", "trainer.max_steps=-3"], "trainer.max_steps=-3 must be > 0"),
     (["recipe=quickstart", "data.num_labels=40"], "are both set"),

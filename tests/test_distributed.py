@@ -9,7 +9,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dmssl.config import ObjectiveConfig
 from dmssl.distances import build_distance
 from dmssl.objective import DistributionMatching, StepEmbeddings
 
@@ -26,7 +25,8 @@ def global_batch(seed: int = 0):
 
 
 def matching(name, options, labeled, weak, step=3):
-    objective = DistributionMatching(ObjectiveConfig(name="dmssl", lambda_dm=2.0), 3, build_distance(name, **options), seed=5)
+    objective = DistributionMatching(DistributionMatching.Options(lambda_dm=2.0), 3, build_distance(name, **options),
+                                     seed=5)
     emb = StepEmbeddings(labeled=labeled, labels=torch.zeros(len(labeled), dtype=torch.long),
                          prototypes=torch.eye(3, 6), weak=weak)
     return objective.match(emb, torch.zeros(len(weak), dtype=torch.long), torch.zeros(len(weak), dtype=torch.bool), step)

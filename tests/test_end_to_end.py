@@ -71,8 +71,8 @@ def final_weights(folder: Path) -> dict:
 def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path, precision):
     # Distribution alignment on: its running mean of predictions must survive the restart too.
     args = [sys.executable, "train.py", *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=4",
-            "trainer.eval_every=8", "trainer.keep_checkpoints=3", "objective.distribution_alignment=true",
-            "objective.alignment_momentum=0.9", f"trainer.mixed_precision={precision}"]
+            "trainer.eval_every=8", "trainer.keep_checkpoints=3", "pseudo_label.distribution_alignment=true",
+            "pseudo_label.alignment_momentum=0.9", f"trainer.mixed_precision={precision}"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run([*args, f"output_dir={straight}"], cwd=ROOT, check=True, capture_output=True, timeout=600)
 
@@ -93,7 +93,7 @@ def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path, preci
         assert torch.equal(a["model"][key], b["model"][key]), key
     for key in a["ema"]["module"]:
         assert torch.equal(a["ema"]["module"][key], b["ema"]["module"][key]), key
-    assert torch.equal(a["objective"]["prediction_mean"], b["objective"]["prediction_mean"])
+    assert torch.equal(a["objective"]["pseudo_labeller.prediction_mean"], b["objective"]["pseudo_labeller.prediction_mean"])
     assert json.loads((straight / "summary.json").read_text())["test_accuracy"] == \
         json.loads((killed / "summary.json").read_text())["test_accuracy"]
     assert (straight / "metrics.jsonl").read_text().count("\n") == (killed / "metrics.jsonl").read_text().count("\n")

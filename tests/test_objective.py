@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dmssl.config import ObjectiveConfig
 from dmssl.distances import build_distance
 from dmssl.losses import align_distribution, masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
-from dmssl.objective import StepEmbeddings, build_objective
+from dmssl.objective import OBJECTIVES, StepEmbeddings, build_objective
+from dmssl.pseudo_label import FixedThreshold
 
 
 def unit(*shape):
@@ -78,8 +78,8 @@ def embeddings(k=3, b=6, u=8, d=16, confident=False):
 
 @pytest.mark.parametrize("name", ["supervised", "fixmatch", "sscl", "dmssl"])
 def test_objectives__finite_loss_and_logged_terms(name):
-    cfg = ObjectiveConfig(name=name)
-    objective = build_objective(cfg, 3, build_distance("mmd"))
+    options = OBJECTIVES.get(name).Options()
+    objective = build_objective(name, options, 3, build_distance("mmd"))
     out = objective(embeddings(confident=True), step=0)
     assert torch.isfinite(out.loss)
     out.loss.backward()
@@ -88,30 +88,30 @@ def test_objectives__finite_loss_and_logged_terms(name):
         assert float(out.logs["mask_rate"]) == 1.0
         assert float(out.logs["pseudo_label_accuracy"]) == 1.0
     if name == "dmssl":
-        assert float(out.logs["distance"]) == pytest.approx(float(out.logs["loss_dm"]) / cfg.lambda_dm)
+        assert float(out.logs["distance"]) == pytest.approx(float(out.logs["loss_dm"]) / options.lambda_dm)
 
 
 def test_dmssl__is_sscl_plus_weighted_distance():
     emb = embeddings()
     distance = build_distance("mmd")
-    sscl = build_objective(ObjectiveConfig(name="sscl"), 3, None)(emb, 0).loss
-    cfg = ObjectiveConfig(name="dmssl", lambda_dm=2.5)
-    total = build_objective(cfg, 3, distance)(emb, 0).loss
+    sscl = build_objective("sscl", None, 3)(emb, 0).loss
+    options = OBJECTIVES.get("dmssl").Options(lambda_dm=2.5)
+    total = build_objective("dmssl", options, 3, distance)(emb, 0).loss
     assert float(total) == pytest.approx(float(sscl) + 2.5 * float(distance(emb.labeled, emb.weak)), rel=1e-5)
 
 
 def test_dmssl__warmup_ramps_lambda():
     emb = embeddings()
-    cfg = ObjectiveConfig(name="dmssl", lambda_dm=1.0, dm_warmup_steps=10)
-    objective = build_objective(cfg, 3, build_distance("cosine"))
+    options = OBJECTIVES.get("dmssl").Options(lambda_dm=1.0, dm_warmup_steps=10)
+    objective = build_objective("dmssl", options, 3, build_distance("cosine"))
     assert float(objective(emb, 0).logs["loss_dm"]) == pytest.approx(0.1 * float(objective(emb, 0).logs["distance"]))
     assert float(objective(emb, 20).logs["loss_dm"]) == pytest.approx(float(objective(emb, 20).logs["distance"]))
 
 
 def test_dmssl__class_conditional_only_uses_confident_classes():
     emb = embeddings(confident=True)
-    cfg = ObjectiveConfig(name="dmssl", class_conditional=True)
-    out = build_objective(cfg, 3, build_distance("mmd", estimator="biased"))(emb, 0)
+    options = OBJECTIVES.get("dmssl").Options(class_conditional=True)
+    out = build_objective("dmssl", options, 3, build_distance("mmd", estimator="biased"))(emb, 0)
     groups = []
     for k in range(3):
         x, y = emb.labeled[emb.labels == k], emb.weak[emb.unlabeled_targets == k]
@@ -121,7 +121,7 @@ def test_dmssl__class_conditional_only_uses_confident_classes():
 
 def test_fixmatch__no_confident_samples_means_no_unlabeled_loss():
     emb = embeddings(confident=False)
-    out = build_objective(ObjectiveConfig(name="fixmatch"), 3, None)(emb, 0)
+    out = build_objective("fixmatch", None, 3)(emb, 0)
     assert float(out.logs["mask_rate"]) == 0.0
     assert float(out.logs["loss_unlabeled"]) == 0.0
 
@@ -141,16 +141,17 @@ def test_distribution_alignment__breaks_a_collapse_onto_one_class():
     weak = F.normalize(torch.tensor([[1.0, 0.6, 0.0, 0.0]]).repeat(8, 1) + 0.01 * torch.randn(8, 4), dim=1)
     emb = StepEmbeddings(labeled=prototypes.clone(), labels=torch.arange(2), prototypes=prototypes, weak=weak,
                          strong=[weak, weak], unlabeled_targets=torch.arange(8) % 2)
-    plain = build_objective(ObjectiveConfig(name="fixmatch"), 2, None)
+    plain = build_objective("fixmatch", None, 2)
     assert float(plain(emb, 0).logs["mask_rate"]) == 1.0
-    aligned = build_objective(ObjectiveConfig(name="fixmatch", distribution_alignment=True, alignment_momentum=0.5), 2, None)
+    labeller = FixedThreshold(FixedThreshold.Options(distribution_alignment=True, alignment_momentum=0.5), 2)
+    aligned = build_objective("fixmatch", None, 2, pseudo_labeller=labeller)
     rates = [float(aligned(emb, step).logs["mask_rate"]) for step in range(10)]
     assert rates[-1] == 0.0
-    assert float(aligned.prediction_mean[0]) > 0.9
+    assert float(aligned.pseudo_labeller.prediction_mean[0]) > 0.9
     assert "prediction_max_share" in aligned(emb, 10).logs
 
 
 def test_distribution_alignment__off_leaves_the_running_mean_untouched():
-    objective = build_objective(ObjectiveConfig(name="sscl"), 3, None)
+    objective = build_objective("sscl", None, 3)
     objective(embeddings(confident=True), 0)
-    assert torch.allclose(objective.prediction_mean, torch.full((3,), 1 / 3))
+    assert torch.allclose(objective.pseudo_labeller.prediction_mean, torch.full((3,), 1 / 3))
