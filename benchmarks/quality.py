@@ -109,14 +109,20 @@ def describe_runs_machine(summaries: list[dict[str, Any]]) -> str:
 def render(report: dict[str, Any]) -> str:
     budget = (f"{report['steps']} steps" if report["steps"] else "") + \
              (f"{' or ' if report['steps'] else ''}{report['minutes']} minutes per run" if report["minutes"] else "")
+    has_dev = any(row.get("dev_accuracies") for row in report["rows"])
     lines = [f"`{report['command']}`", "",
              f"Budget: {budget or 'the recipe default'}; seeds {report['seeds']}; {report['machine']}; {report['date']}.", "",
-             "| objective | distance | test accuracy (mean +- std) | steps (mean) | per seed |", "|---|---|---|---|---|"]
+             "| objective | distance | " + ("dev accuracy | " if has_dev else "")
+             + "test accuracy (mean +- std) | steps (mean) | per seed (test) |",
+             "|---|---|" + ("---|" if has_dev else "") + "---|---|---|"]
     for row in report["rows"]:
         acc = row["accuracies"]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        lines.append(f"| {row['objective']} | {row['distance'] or '-'} | {100 * statistics.mean(acc):.2f} +- {100 * std:.2f} | "
-                     f"{statistics.mean(row['steps']):.0f} | {', '.join(f'{100 * a:.1f}' for a in acc)} |")
+        dev = row.get("dev_accuracies") or []
+        dev_cell = (f"{100 * statistics.mean(dev):.2f} +- {100 * (statistics.stdev(dev) if len(dev) > 1 else 0.0):.2f} | "
+                    if dev else "- | ") if has_dev else ""
+        lines.append(f"| {row['objective']} | {row['distance'] or '-'} | {dev_cell}{100 * statistics.mean(acc):.2f} +- "
+                     f"{100 * std:.2f} | {statistics.mean(row['steps']):.0f} | {', '.join(f'{100 * a:.1f}' for a in acc)} |")
     best = max(report["rows"], key=lambda r: statistics.mean(r["accuracies"]))
     dm = [r for r in report["rows"] if r["objective"] == "dmssl"]
     others = [r for r in report["rows"] if r["objective"] != "dmssl"]
@@ -150,6 +156,7 @@ def main() -> int:
         cell = [run_cell(args, objective, distance, seed) for seed in args.seeds]
         summaries += cell
         rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in cell],
+                     "dev_accuracies": [s["dev_accuracy"] for s in cell if s.get("dev_accuracy") is not None],
                      "steps": [s["steps"] for s in cell]})
     report = {"modality": args.modality, "rows": rows, "seeds": args.seeds, "steps": args.steps, "minutes": args.minutes,
               "date": date.today().isoformat(), "machine": f"{platform.machine()} {describe_runs_machine(summaries)}",

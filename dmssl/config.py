@@ -42,6 +42,7 @@ class DataConfig:
     eval_batch_size: int = 256  # samples per evaluation batch
     num_workers: int = 2  # DataLoader workers that build whole training steps ahead of time
     test_subset: int | None = None  # evaluate on a fixed, seeded subset of the test set
+    dev_size: int = 0  # labeled training samples held out (never trained on) to choose settings on; 0: none
     max_unlabeled: int | None = None  # cap on the unlabeled pool (seeded subset)
     cache_dir: str | None = None  # decoded-data cache; default ~/.cache/dmssl
 
@@ -60,6 +61,8 @@ class DataConfig:
         _positive("data.max_unlabeled", self.max_unlabeled)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
+        if self.dev_size < 0:
+            raise ConfigError(f"data.dev_size={self.dev_size} must be >= 0")
 
 
 @dataclass

@@ -50,6 +50,23 @@ def split_labeled(labels: Sequence[int], num_classes: int, num_labels: int | Non
     return sorted(chosen)
 
 
+def split_dev(labels: Sequence[int], labeled: Sequence[int], size: int, seed: int) -> list[int]:
+    """A seeded dev set of `size` training samples with known labels, outside the labeled split.
+
+    The trainer removes them from the unlabeled pool too: a dev sample is never trained on, so that
+    hyper-parameters chosen on dev accuracy say nothing about the test set.
+    """
+    if size <= 0:
+        return []
+    taken = set(labeled)
+    candidates = [i for i, y in enumerate(labels) if y >= 0 and i not in taken]
+    if size > len(candidates):
+        raise DataError(f"data.dev_size={size} is more than the {len(candidates)} labeled training samples outside "
+                        "the labeled split; lower it")
+    order = torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))[:size]
+    return sorted(candidates[int(j)] for j in order)
+
+
 def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
     """A fixed random subset of range(n) of `size` (all of it when size is None or >= n), in order."""
     if size is None or size >= n:

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 
 from dmssl.checkpoint import checkpoint_path, load_checkpoint, load_latest_valid, prune_checkpoints, save_checkpoint
 from dmssl.config import Config, TrainerConfig, config_to_dict
-from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_labeled
+from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
 from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
 from dmssl.model import SSLModel
 from dmssl.objective import StepEmbeddings, objective_from_config
@@ -224,7 +224,9 @@ def fit(cfg: Config) -> dict[str, Any]:
     check_raw_data(raw)
     num_classes = raw.num_classes
     labeled_idx = split_labeled(raw.train_labels, num_classes, cfg.data.num_labels, cfg.data.labels_per_class, cfg.seed)
-    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train))]
+    dev_idx = split_dev(raw.train_labels, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
+    held_out = set(dev_idx)
+    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train)) if i not in held_out]
     pool += [(sample, -1) for sample in raw.unlabeled]
     pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
     test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
@@ -272,10 +274,13 @@ def fit(cfg: Config) -> dict[str, Any]:
                               num_workers=workers, prefetch_factor=4 if workers else None,
                               generator=torch.Generator().manual_seed(cfg.seed),
                               pin_memory=torch.cuda.is_available())
-    eval_loader = accelerator.prepare(DataLoader(
-        EvalDataset(adapter, [raw.test[i] for i in test_idx], [raw.test_labels[i] for i in test_idx]),
-        batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter), num_workers=min(workers, 2),
-        generator=torch.Generator().manual_seed(cfg.seed)))
+    def eval_loader_of(samples: list, labels: list[int]) -> DataLoader:
+        return accelerator.prepare(DataLoader(
+            EvalDataset(adapter, samples, labels), batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter),
+            num_workers=min(workers, 2), generator=torch.Generator().manual_seed(cfg.seed)))
+
+    eval_loader = eval_loader_of([raw.test[i] for i in test_idx], [raw.test_labels[i] for i in test_idx])
+    dev_loader = eval_loader_of([raw.train[i] for i in dev_idx], [raw.train_labels[i] for i in dev_idx]) if dev_idx else None
     if cfg.trainer.log_with != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name, config=hparams)  # trackers accept scalars only
@@ -289,7 +294,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     budget_seconds = cfg.trainer.max_minutes * 60 if cfg.trainer.max_minutes else math.inf
     sums: dict[str, Any] = {}
     counts: dict[str, Any] = {}
-    last_accuracy = float("nan")
+    last_accuracy = last_dev_accuracy = float("nan")
     last_train_logs: dict[str, float] = {}
     progress = make_progress_bar(accelerator, cfg, step)
     stop_reason = "max_steps"
@@ -341,12 +346,16 @@ def fit(cfg: Config) -> dict[str, Any]:
                     append_json_line(train_log, {"step": step, "lr": lr, **averages})
             if step % cfg.trainer.eval_every == 0 or finished:
                 last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
+                if dev_loader is not None:
+                    last_dev_accuracy, _ = evaluate(ema.module, dev_loader, accelerator)
                 record = {"step": step, "test_accuracy": last_accuracy, "lr": lr,
+                          **({"dev_accuracy": last_dev_accuracy} if dev_loader is not None else {}),
                           "elapsed_seconds": round(elapsed, 2), **last_train_logs}
                 if accelerator.is_main_process:
                     append_json_line(metrics_file, record)
                 if cfg.trainer.log_with != "none":
-                    accelerator.log({"eval/test_accuracy": last_accuracy}, step=step)
+                    accelerator.log({"eval/test_accuracy": last_accuracy}
+                                    | ({"eval/dev_accuracy": last_dev_accuracy} if dev_loader is not None else {}), step=step)
             if step % cfg.trainer.checkpoint_every == 0 or finished:
                 save_training_state(accelerator, checkpoints, step, model, ema, optimizer, objective, labeled_idx, elapsed, cfg)
             progress.update(1)
@@ -358,6 +367,8 @@ def fit(cfg: Config) -> dict[str, Any]:
     progress.close()
     if math.isnan(last_accuracy):  # nothing left to train (resumed a finished run): evaluate once
         last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
+        if dev_loader is not None:
+            last_dev_accuracy, _ = evaluate(ema.module, dev_loader, accelerator)
 
     if stop_reason == "signal":
         accelerator.print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with resume=auto")
@@ -365,6 +376,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         raise KeyboardInterrupt
     summary = {
         "test_accuracy": last_accuracy,
+        "dev_accuracy": last_dev_accuracy if dev_loader is not None else None,
         "steps": step,
         "wall_seconds": round(time.monotonic() - started + elapsed_before, 2),
         "train_seconds": round(elapsed_before + time.monotonic() - loop_started, 2),
@@ -377,6 +389,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         "encoder": cfg.model.encoder,
         "num_labeled": len(labeled_idx),
         "num_unlabeled": len(pool),
+        "num_dev": len(dev_idx),
         "num_test": len(test_idx),
         "num_test_evaluated": evaluated,
         "seed": cfg.seed,
@@ -397,7 +410,8 @@ def fit(cfg: Config) -> dict[str, Any]:
     # end_training destroys the process group: no process tears it down while the main one still writes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    accelerator.print(f"test_accuracy={summary['test_accuracy']:.4f} steps={step} "
+    dev = f"dev_accuracy={summary['dev_accuracy']:.4f} " if summary["dev_accuracy"] is not None else ""
+    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} steps={step} "
                       f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
     return summary
 

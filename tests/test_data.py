@@ -58,3 +58,56 @@ def test_step_dataset__two_processes_split_the_global_step():
     labeled_single = global_step.labeled_stream.take(0, 8)
     labeled_split = ranks[0].labeled_stream.take(0, 2) + ranks[1].labeled_stream.take(2, 2)
     assert labeled_split == labeled_single[:4]
+
+
+def test_split_dev__disjoint_from_labeled_seeded_and_sized():
+    from dmssl.data import split_dev, split_labeled
+
+    labels = [i % 4 for i in range(200)] + [-1] * 50  # 50 samples of unknown label
+    labeled = split_labeled(labels, 4, labels_per_class=5, seed=0)
+    dev = split_dev(labels, labeled, 30, seed=1)
+    assert len(dev) == 30 and len(set(dev)) == 30
+    assert not set(dev) & set(labeled)
+    assert all(labels[i] >= 0 for i in dev)
+    assert dev == split_dev(labels, labeled, 30, seed=1) and dev != split_dev(labels, labeled, 30, seed=2)
+    assert split_dev(labels, labeled, 0, seed=1) == []
+    import pytest
+
+    from dmssl.errors import DataError
+
+    with pytest.raises(DataError, match="data.dev_size=500 is more than the 180"):
+        split_dev(labels, labeled, 500, seed=1)
+
+
+def test_fit__dev_split_is_evaluated_and_never_trained_on(tmp_path, monkeypatch):
+    import json
+
+    import dmssl.trainer as trainer
+    from dmssl.config import resolve
+
+    seen = {}
+    real_step_dataset = trainer.StepDataset
+
+    def recording(adapter, labeled, labels, unlabeled, unlabeled_labels, *args, **kwargs):
+        seen["labeled"], seen["unlabeled"] = labeled, unlabeled
+        return real_step_dataset(adapter, labeled, labels, unlabeled, unlabeled_labels, *args, **kwargs)
+
+    real_eval_dataset = trainer.EvalDataset
+    evaluated = []
+
+    def recording_eval(adapter, samples, labels):
+        evaluated.append(samples)
+        return real_eval_dataset(adapter, samples, labels)
+
+    monkeypatch.setattr(trainer, "StepDataset", recording)
+    monkeypatch.setattr(trainer, "EvalDataset", recording_eval)
+    summary = trainer.fit(resolve(["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0",
+                                   "data.batch_size=8", "data.mu=2", "trainer.max_steps=4", "trainer.eval_every=2",
+                                   "data.dev_size=100", "trainer.save_embeddings=false", f"output_dir={tmp_path}"]))
+    test_samples, dev_samples = evaluated
+    assert summary["num_dev"] == 100 and len(dev_samples) == 100 and 0 <= summary["dev_accuracy"] <= 1
+    trained = {s.numpy().tobytes() for s in seen["labeled"]} | {s.numpy().tobytes() for s in seen["unlabeled"]}
+    assert not {s.numpy().tobytes() for s in dev_samples} & trained  # digits has no exact duplicates
+    assert summary["num_unlabeled"] == 1297 - 100
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all("dev_accuracy" in r and "test_accuracy" in r for r in records)
