@@ -43,14 +43,16 @@ PRESETS: dict[str, list[str]] = {
 }
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
          ("dmssl", "wasserstein")]
+# Cells that --cells accepts beyond the default grid.
+EXTRA_CELLS = [("fixmatch_proto", None)]
 
 
 def parse_cell(text: str) -> tuple[str, str | None]:
     """'sscl' -> ('sscl', None); 'dmssl:mmd' -> ('dmssl', 'mmd'); only cells of the full grid."""
     objective, _, distance = text.partition(":")
     cell = (objective, distance or None)
-    if cell not in CELLS:
-        allowed = ", ".join(f"{o}:{d}" if d else o for o, d in CELLS)
+    if cell not in CELLS + EXTRA_CELLS:
+        allowed = ", ".join(f"{o}:{d}" if d else o for o, d in CELLS + EXTRA_CELLS)
         raise argparse.ArgumentTypeError(f"unknown cell {text!r}; allowed: {allowed}")
     return cell
 

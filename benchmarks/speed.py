@@ -36,9 +36,9 @@ from dmssl.config import resolve  # noqa: E402
 from dmssl.data import StepDataset  # noqa: E402
 from dmssl.distances import build_distance  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
-from dmssl.objective import objective_from_config  # noqa: E402
+from dmssl.objective import objective_from_config, run_objective  # noqa: E402
 from dmssl.registry import load_modality  # noqa: E402
-from dmssl.trainer import build_optimizer, split_step  # noqa: E402
+from dmssl.trainer import build_optimizer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -114,7 +114,7 @@ def objective_steps(recipe: list[str], repeats: int) -> dict[str, Any]:
     cfg, adapter, _ = image_batch(recipe, 3)
     b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
     torch.manual_seed(0)
-    model = SSLModel(adapter.build_encoder(), 10).to(DEVICE)
+    model = SSLModel(adapter.build_encoder(), 10, linear_head=True).to(DEVICE)  # fixmatch's head; others ignore it
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     labels = torch.randint(0, 10, (b,), device=DEVICE)
     results: dict[str, Any] = {"recipe": " ".join(recipe), "labeled": b, "unlabeled": u, "encoder": cfg.model.encoder}
@@ -124,12 +124,12 @@ def objective_steps(recipe: list[str], repeats: int) -> dict[str, Any]:
         objective = objective_from_config(resolve(recipe + [f"objective.name={name}"]), 10)
         views = objective.unlabeled_views
         images = torch.randint(0, 256, (b + len(views) * u, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
-        batch = {"labels": labels, "num_unlabeled": u if views else 0, "unlabeled_targets": torch.randint(0, 10, (u,), device=DEVICE)}
+        batch = {"inputs": images, "labels": labels, "num_unlabeled": u if views else 0,
+                 "unlabeled_targets": torch.randint(0, 10, (u,), device=DEVICE)}
         sizes[name] = images.shape[0]
 
-        def step(objective: Any = objective, images: torch.Tensor = images, batch: dict = batch, views: tuple = views) -> None:
-            z = model(images)
-            out = objective(split_step(z, batch, views, model), 0)
+        def step(objective: Any = objective, batch: dict = batch) -> None:
+            out = run_objective(model, objective, batch, 0, model.prototypes)
             optimizer.zero_grad()
             out.loss.backward()
             optimizer.step()
@@ -208,19 +208,22 @@ def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any]
     from accelerate.utils import send_to_device
 
     torch.manual_seed(0)
-    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim).to(DEVICE)
+    objective = objective_from_config(cfg, num_classes)
+    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
+                     linear_head=objective.head == "linear").to(DEVICE)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile:
         model.encoder.compile()
-    objective = objective_from_config(cfg, num_classes)
     optimizer = build_optimizer(model, cfg.trainer)
     item = send_to_device(item, DEVICE)
 
-    def step() -> None:
+    def forward(inputs: Any, **kwargs: Any) -> Any:  # autocast around the model only, as Accelerate wraps it
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            z = model(item["inputs"])
-        out = objective(split_step(z, item, views, model), 0)
+            return model(inputs, **kwargs)
+
+    def step() -> None:
+        out = run_objective(forward, objective, item, 0, model.prototypes)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         optimizer.step()

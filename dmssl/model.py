@@ -17,7 +17,8 @@ class SSLModel(nn.Module):
     uses this one model, so comparisons differ only in the loss.
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, proj_hidden_dim: int = 128, proj_dim: int = 128) -> None:
+    def __init__(self, encoder: nn.Module, num_classes: int, proj_hidden_dim: int = 128, proj_dim: int = 128,
+                 linear_head: bool = False) -> None:
         super().__init__()
         feature_dim = getattr(encoder, "feature_dim", None)
         if not isinstance(feature_dim, int) or feature_dim <= 0:
@@ -26,17 +27,27 @@ class SSLModel(nn.Module):
         self.head = nn.Sequential(nn.Linear(feature_dim, proj_hidden_dim), nn.ReLU(inplace=True),
                                   nn.Linear(proj_hidden_dim, proj_dim))
         self.prototype_weights = nn.Parameter(torch.randn(num_classes, proj_dim))
+        # The published FixMatch's classifier: linear on the encoder's features, for objectives that ask for it.
+        # Created last, so that a model without it initialises exactly as before.
+        self.classifier = nn.Linear(feature_dim, num_classes) if linear_head else None
 
     @property
     def prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototype_weights, dim=1)
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """batch -> (B, proj_dim) unit embeddings."""
+    def forward(self, batch: Batch, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """batch -> (B, proj_dim) unit embeddings; with `with_logits`, also the linear classifier's (B, K) logits."""
         features = self.encoder(batch)
-        return F.normalize(self.head(features).float(), dim=1)
+        z = F.normalize(self.head(features).float(), dim=1)
+        if not with_logits:
+            return z
+        if self.classifier is None:
+            raise ValueError("with_logits=True needs a model built with linear_head=True")
+        return z, self.classifier(features).float()
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
-        """batch -> (B,) class indices (nearest prototype)."""
+        """batch -> (B,) class indices: the linear classifier's where there is one, else the nearest prototype."""
+        if self.classifier is not None:
+            return self.forward(batch, with_logits=True)[1].argmax(dim=1)
         return (self.forward(batch) @ self.prototypes.T).argmax(dim=1)

@@ -51,6 +51,30 @@ class StepEmbeddings:
     weak: torch.Tensor | None = None
     strong: list[torch.Tensor] = field(default_factory=list)
     unlabeled_targets: torch.Tensor | None = None
+    # The linear classifier's logits of the same parts, for objectives with `head = "linear"`.
+    labeled_logits: torch.Tensor | None = None
+    weak_logits: torch.Tensor | None = None
+    strong_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], prototypes: torch.Tensor,
+               logits: torch.Tensor | None = None) -> StepEmbeddings:
+    """Cut a step's rows (labeled first, then each unlabeled view, in the order StepDataset built them)."""
+    b = batch["labels"].shape[0]
+    u = int(batch["num_unlabeled"])
+
+    def parts_of(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        parts = list(rows[b:].split(u)) if views else []
+        weak = parts[views.index("weak")] if "weak" in views else None
+        strong = [part for part, view in zip(parts, views, strict=True) if view == "strong"]
+        return rows[:b], weak, strong
+
+    labeled, weak, strong = parts_of(z)
+    emb = StepEmbeddings(labeled=labeled, labels=batch["labels"], prototypes=prototypes, weak=weak, strong=strong,
+                         unlabeled_targets=batch["unlabeled_targets"] if views else None)
+    if logits is not None:
+        emb.labeled_logits, emb.weak_logits, emb.strong_logits = parts_of(logits)
+    return emb
 
 
 @dataclass
@@ -81,6 +105,7 @@ class Objective(nn.Module):
     Options: ClassVar[type] = SupervisedOptions
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
     needs_distance: ClassVar[bool] = False
+    head: ClassVar[str] = "prototype"  # or "linear": the model gets a linear classifier on encoder features
 
     def __init__(self, options: Any, num_classes: int, distance: Distance | None = None,
                  pseudo_labeller: PseudoLabeller | None = None, seed: int = 0) -> None:
@@ -97,11 +122,15 @@ class Objective(nn.Module):
     def supervised_ce(self, emb: StepEmbeddings) -> torch.Tensor:
         return F.cross_entropy(prototype_logits(emb.labeled, emb.prototypes, self.options.temperature), emb.labels)
 
+    def weak_logits(self, emb: StepEmbeddings) -> torch.Tensor:
+        """The weak view's class logits, detached: the prototype classifier's (linear heads override)."""
+        assert emb.weak is not None, "this objective needs the weak unlabeled view"
+        return prototype_logits(emb.weak.detach(), emb.prototypes.detach(), self.options.temperature)
+
     def pseudo_label(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Targets and per-sample weights in [0, 1] from the weak view, with mask rate and accuracy logs."""
-        assert emb.weak is not None, "this objective needs the weak unlabeled view"
         assert self.pseudo_labeller is not None, "this objective needs a pseudo-labeller"
-        logits = prototype_logits(emb.weak.detach(), emb.prototypes.detach(), self.options.temperature)
+        logits = self.weak_logits(emb)
         result = self.pseudo_labeller(logits.float().softmax(dim=1))
         labels, weights = result.targets, result.weights
         logs = {"mask_rate": weights.mean(), **self.pseudo_labeller.logs()}
@@ -126,7 +155,44 @@ class Supervised(Objective):
 
 
 @dataclass
-class FixMatchOptions(SupervisedOptions):
+class FixMatchOptions:
+    lambda_u: float = 1.0  # weight of the unlabeled term mean_b w_b CE(strong_b, target_b)
+
+    def validate(self) -> None:
+        _non_negative(self, "lambda_u")
+
+
+@OBJECTIVES.register("fixmatch")
+class FixMatch(Objective):
+    """The published FixMatch (Sohn et al., 2020): a linear classifier on the encoder's features.
+
+    loss = CE(labeled) + lambda_u * mean_b w_b CE(strong view_b, pseudo-label_b), all on the linear
+    logits; the pseudo-label and w_b come from the weak view's softmax through the pseudo-labeller.
+    Test predictions are the linear classifier's argmax, so figures compare with USB's and the paper's.
+    """
+
+    Options = FixMatchOptions
+    unlabeled_views = ("weak", "strong")
+    head = "linear"
+
+    def weak_logits(self, emb: StepEmbeddings) -> torch.Tensor:
+        assert emb.weak_logits is not None, "fixmatch needs the linear logits (a model with linear_head=True)"
+        return emb.weak_logits.detach()
+
+    def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
+        assert emb.labeled_logits is not None and emb.strong_logits
+        ce = F.cross_entropy(emb.labeled_logits, emb.labels)
+        targets, weights, logs = self.pseudo_label(emb)
+        unlabeled_ce = masked_cross_entropy(emb.strong_logits[0], targets, weights)
+        # Zero times the unused embeddings and prototypes: each parameter is in the graph, as DDP requires.
+        unused = 0.0 * (emb.labeled.sum() + emb.prototypes.sum())
+        loss = ce + self.options.lambda_u * unlabeled_ce + unused
+        logs.update(loss=loss.detach(), loss_ce=ce.detach(), loss_unlabeled=unlabeled_ce.detach())
+        return ObjectiveOutput(loss, logs)
+
+
+@dataclass
+class PrototypeFixMatchOptions(SupervisedOptions):
     lambda_u: float = 1.0  # weight of the unlabeled term mean_b w_b CE(strong_b, target_b)
 
     def validate(self) -> None:
@@ -134,11 +200,11 @@ class FixMatchOptions(SupervisedOptions):
         _non_negative(self, "lambda_u")
 
 
-@OBJECTIVES.register("fixmatch")
-class FixMatch(Objective):
-    """Labeled CE + lambda_u * mean_b w_b CE(strong view_b, pseudo-label_b), w_b from the pseudo-labeller."""
+@OBJECTIVES.register("fixmatch_proto")
+class PrototypeFixMatch(Objective):
+    """FixMatch's loss on the prototype (cosine) classifier z . p / T instead of a linear one."""
 
-    Options = FixMatchOptions
+    Options = PrototypeFixMatchOptions
     unlabeled_views = ("weak", "strong")
 
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
@@ -282,6 +348,19 @@ def build_objective(name: str, options: Any = None, num_classes: int = 2, distan
     if pseudo_labeller is None and cls.unlabeled_views:
         pseudo_labeller = FixedThreshold(FixedThreshold.Options(), num_classes)
     return cls(options if options is not None else cls.Options(), num_classes, distance, pseudo_labeller, seed)
+
+
+def run_objective(model: Any, objective: Objective, batch: dict[str, Any], step: int,
+                  prototypes: torch.Tensor) -> ObjectiveOutput:
+    """One forward pass of `model` over every row of the step, cut into its parts, through the objective.
+
+    `model` may be wrapped (DDP, autocast); `prototypes` are the unwrapped model's.
+    """
+    if objective.head == "linear":
+        z, logits = model(batch["inputs"], with_logits=True)
+    else:
+        z, logits = model(batch["inputs"]), None
+    return objective(split_step(z, batch, objective.unlabeled_views, prototypes, logits), step)
 
 
 def objective_from_config(cfg: Config, num_classes: int) -> Objective:

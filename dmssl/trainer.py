@@ -39,7 +39,7 @@ from dmssl.config import Config, TrainerConfig, config_to_dict
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
 from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
 from dmssl.model import SSLModel
-from dmssl.objective import StepEmbeddings, objective_from_config
+from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import choose_precision
 from dmssl.registry import load_modality
 
@@ -232,10 +232,11 @@ def fit(cfg: Config) -> dict[str, Any]:
     test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
 
     # ==== model, objective, optimiser ====
-    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim)
+    objective = objective_from_config(cfg, num_classes)
+    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
+                     linear_head=objective.head == "linear")
     if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
-    objective = objective_from_config(cfg, num_classes)
     optimizer = build_optimizer(model, cfg.trainer)
     ema = EMA(model, cfg.trainer.ema_decay)
     step, elapsed_before = 0, 0.0
@@ -308,8 +309,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 group["lr"] = lr * group["lr_scale"]
             model.train()
             batch = send_to_device(batch, accelerator.device)
-            embeddings = model(batch["inputs"])
-            out = objective(split_step(embeddings, batch, objective.unlabeled_views, unwrap(model, accelerator)), step)
+            out = run_objective(model, objective, batch, step, unwrap(model, accelerator).prototypes)
             if not torch.isfinite(out.loss):
                 terms = {k: round(float(v), 6) for k, v in out.logs.items()}
                 raise TrainingDiverged(
@@ -447,17 +447,6 @@ class EmbeddingSnapshot:
 
 def unwrap(model: nn.Module, accelerator: Accelerator) -> SSLModel:
     return accelerator.unwrap_model(model)
-
-
-def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], model: SSLModel) -> StepEmbeddings:
-    """Cut the step's embeddings into labeled and per-view unlabeled parts (the order StepDataset built)."""
-    b = batch["labels"].shape[0]
-    u = int(batch["num_unlabeled"])
-    parts = list(z[b:].split(u)) if views else []
-    weak = parts[views.index("weak")] if "weak" in views else None
-    strong = [part for part, view in zip(parts, views, strict=True) if view == "strong"]
-    return StepEmbeddings(labeled=z[:b], labels=batch["labels"], prototypes=model.prototypes, weak=weak,
-                          strong=strong, unlabeled_targets=batch["unlabeled_targets"] if views else None)
 
 
 def save_training_state(accelerator: Accelerator, folder: Path, step: int, model: nn.Module, ema: EMA,

@@ -72,11 +72,14 @@ def embeddings(k=3, b=6, u=8, d=16, confident=False):
     targets = torch.arange(u) % k
     weak = F.normalize(prototypes[targets] * (10.0 if confident else 0.0) + torch.randn(u, d) * 0.01, dim=1)
     strong = [unit(u, d), unit(u, d)]
-    return StepEmbeddings(labeled=labeled.requires_grad_(), labels=labels, prototypes=prototypes, weak=weak,
-                          strong=strong, unlabeled_targets=targets)
+    labeled = labeled.requires_grad_()
+    # Linear-head logits (fixmatch) that agree with the prototype classifier on these synthetic embeddings.
+    return StepEmbeddings(labeled=labeled, labels=labels, prototypes=prototypes, weak=weak, strong=strong,
+                          unlabeled_targets=targets, labeled_logits=labeled @ prototypes.T / 0.1,
+                          weak_logits=weak @ prototypes.T / 0.1, strong_logits=[s @ prototypes.T / 0.1 for s in strong])
 
 
-@pytest.mark.parametrize("name", ["supervised", "fixmatch", "sscl", "dmssl"])
+@pytest.mark.parametrize("name", ["supervised", "fixmatch", "fixmatch_proto", "sscl", "dmssl"])
 def test_objectives__finite_loss_and_logged_terms(name):
     options = OBJECTIVES.get(name).Options()
     objective = build_objective(name, options, 3, build_distance("mmd"))
@@ -141,10 +144,10 @@ def test_distribution_alignment__breaks_a_collapse_onto_one_class():
     weak = F.normalize(torch.tensor([[1.0, 0.6, 0.0, 0.0]]).repeat(8, 1) + 0.01 * torch.randn(8, 4), dim=1)
     emb = StepEmbeddings(labeled=prototypes.clone(), labels=torch.arange(2), prototypes=prototypes, weak=weak,
                          strong=[weak, weak], unlabeled_targets=torch.arange(8) % 2)
-    plain = build_objective("fixmatch", None, 2)
+    plain = build_objective("fixmatch_proto", None, 2)
     assert float(plain(emb, 0).logs["mask_rate"]) == 1.0
     labeller = FixedThreshold(FixedThreshold.Options(distribution_alignment=True, alignment_momentum=0.5), 2)
-    aligned = build_objective("fixmatch", None, 2, pseudo_labeller=labeller)
+    aligned = build_objective("fixmatch_proto", None, 2, pseudo_labeller=labeller)
     rates = [float(aligned(emb, step).logs["mask_rate"]) for step in range(10)]
     assert rates[-1] == 0.0
     assert float(aligned.pseudo_labeller.prediction_mean[0]) > 0.9
@@ -155,3 +158,42 @@ def test_distribution_alignment__off_leaves_the_running_mean_untouched():
     objective = build_objective("sscl", None, 3)
     objective(embeddings(confident=True), 0)
     assert torch.allclose(objective.pseudo_labeller.prediction_mean, torch.full((3,), 1 / 3))
+
+
+def test_fixmatch__is_the_published_linear_head_loss_by_hand():
+    from dmssl.objective import split_step
+
+    torch.manual_seed(1)
+    b, u, k = 3, 4, 3
+    z = unit(b + 2 * u, 8)
+    logits = torch.randn(b + 2 * u, k) * 3
+    batch = {"labels": torch.tensor([0, 1, 2]), "num_unlabeled": u, "unlabeled_targets": torch.full((u,), -1)}
+    emb = split_step(z, batch, ("weak", "strong"), unit(k, 8), logits)
+    objective = build_objective("fixmatch", OBJECTIVES.get("fixmatch").Options(lambda_u=2.0), k,
+                                pseudo_labeller=FixedThreshold(FixedThreshold.Options(threshold=0.7), k))
+    out = objective(emb, 0)
+    weak, strong = logits[b:b + u], logits[b + u:]
+    confidence, targets = weak.softmax(1).max(1)
+    mask = (confidence >= 0.7).float()
+    unlabeled = (F.cross_entropy(strong, targets, reduction="none") * mask).mean()
+    expected = F.cross_entropy(logits[:b], batch["labels"]) + 2.0 * unlabeled
+    assert float(out.loss) == pytest.approx(float(expected), rel=1e-6)
+    assert objective.head == "linear" and build_objective("fixmatch_proto", None, k).head == "prototype"
+
+
+def test_linear_head_model__predicts_with_the_classifier_and_keeps_the_prototype_models_init():
+    from dmssl.model import SSLModel
+    from modalities.image import SmallCNN
+
+    torch.manual_seed(0)
+    plain = SSLModel(SmallCNN(in_channels=1, width=8), 3)
+    torch.manual_seed(0)
+    linear = SSLModel(SmallCNN(in_channels=1, width=8), 3, linear_head=True)
+    for key, value in plain.state_dict().items():  # the classifier is created last: nothing else moves
+        assert torch.equal(value, linear.state_dict()[key]), key
+    images = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    linear.eval()
+    z, logits = linear(images, with_logits=True)
+    assert torch.equal(linear.predict(images), logits.argmax(1)) and z.shape == (5, 128)
+    with pytest.raises(ValueError, match="linear_head=True"):
+        plain(images, with_logits=True)

@@ -113,7 +113,7 @@ def step_embeddings(u=4):
 def test_fixmatch__unlabeled_term_is_the_weighted_mean_of_ce():
     emb = step_embeddings()
     weights = [1.0, 0.25, 0.0, 0.6]
-    out = build_objective("fixmatch", None, 3, pseudo_labeller=ConstantWeights(weights))(emb, 0)
+    out = build_objective("fixmatch_proto", None, 3, pseudo_labeller=ConstantWeights(weights))(emb, 0)
     targets = (emb.weak @ emb.prototypes.T).argmax(1)
     ce = F.cross_entropy(emb.strong[0] @ emb.prototypes.T / 0.1, targets, reduction="none")
     assert float(out.logs["loss_unlabeled"]) == pytest.approx(float((ce * torch.tensor(weights)).mean()), rel=1e-5)
