@@ -19,35 +19,38 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import signal
 import time
-from datetime import datetime
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from dmssl.checkpoint import checkpoint_path, load_checkpoint, load_latest_valid, prune_checkpoints, save_checkpoint
+from dmssl.checkpoint import load_checkpoint, load_latest_valid
 from dmssl.config import Config, TrainerConfig, config_to_dict
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
-from dmssl.errors import CheckpointError, ConfigError, TrainingDiverged
+from dmssl.errors import ConfigError, TrainingDiverged
+from dmssl.modality import RawData
 from dmssl.model import SSLModel
 from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import choose_precision
 from dmssl.registry import load_modality
-
-# Keys that may change between a run and its resumption without making it a different run.
-RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_every", "trainer.log_every",
-                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress_bar",
-                     "trainer.log_with", "trainer.save_embeddings", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
-                     "output_dir", "resume", "overwrite"}
+from dmssl.run_dir import (
+    EmbeddingSnapshot,
+    append_json_line,
+    check_run_dir,
+    flatten,
+    keep_metric_lines_up_to,
+    save_train_state,
+    write_run_dir,
+)
+from dmssl.train_state import TrainState
 
 
 class EMA:
@@ -108,56 +111,6 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def run_identity(cfg: Config) -> dict[str, Any]:
-    """The settings that make a run this run (what may not change on resume)."""
-    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
-
-
-def check_run_dir(cfg: Config) -> Path:
-    """The run folder; refuse to mix two different runs in one folder (reads only, on every process)."""
-    run_dir = Path(cfg.output_dir or f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
-    config_file = run_dir / "config.yaml"
-    if config_file.is_file() and not cfg.overwrite:
-        if cfg.resume == "never":
-            raise CheckpointError(
-                f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto to continue it, "
-                "overwrite=true to replace it, or another output_dir"
-            )
-        try:
-            previous = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
-        except yaml.YAMLError as err:
-            raise CheckpointError(f"{config_file} is not valid YAML ({err}); pass overwrite=true to start afresh") from None
-        current = run_identity(cfg)
-        changed = sorted(k for k in current if k in previous and previous[k] != current[k])
-        if changed:
-            shown = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:5])
-            raise CheckpointError(
-                f"output_dir={str(run_dir)!r} holds a different run ({shown}); resume it with the same settings,"
-                " or pass overwrite=true / another output_dir"
-            )
-    return run_dir
-
-
-def write_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Create the folder (clearing an overwritten run's results) and save the resolved config (main process)."""
-    if cfg.overwrite and run_dir.exists():
-        for name in ("checkpoints", "metrics.jsonl", "train.jsonl", "summary.json", "embeddings", "plots"):
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
-
-
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[float, int]:
     """(top-1 accuracy, samples counted) of nearest-prototype predictions over the whole test set.
@@ -198,15 +151,70 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclass
+class RunData:
+    """The run's samples, split: labeled, dev (held out), the unlabeled pool, and the test subset."""
+
+    labeled: list[Any]
+    labeled_labels: list[int]
+    labeled_indices: list[int]
+    dev: list[Any]
+    dev_labels: list[int]
+    pool: list[tuple[Any, int]]  # (sample, true label or -1): the true label only feeds diagnostics
+    test: list[Any]
+    test_labels: list[int]
+    num_classes: int
+
+
+def split_run_data(raw: RawData, cfg: Config) -> RunData:
+    """Seeded splits of the adapter's data: labeled, dev (outside labeled and pool), pool, test subset."""
+    labeled_idx = split_labeled(raw.train_labels, raw.num_classes, cfg.data.num_labels, cfg.data.labels_per_class,
+                                cfg.seed)
+    dev_idx = split_dev(raw.train_labels, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
+    held_out = set(dev_idx)
+    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train)) if i not in held_out]
+    pool += [(sample, -1) for sample in raw.unlabeled]
+    pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
+    test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
+    return RunData(labeled=[raw.train[i] for i in labeled_idx], labeled_labels=[raw.train_labels[i] for i in labeled_idx],
+                   labeled_indices=labeled_idx, dev=[raw.train[i] for i in dev_idx],
+                   dev_labels=[raw.train_labels[i] for i in dev_idx], pool=pool,
+                   test=[raw.test[i] for i in test_idx], test_labels=[raw.test_labels[i] for i in test_idx],
+                   num_classes=raw.num_classes)
+
+
+class Evaluator:
+    """Test (and, with data.dev_size, dev) accuracy of the EMA model; the last values stay readable."""
+
+    def __init__(self, adapter: Any, data: RunData, cfg: Config, accelerator: Accelerator) -> None:
+        def loader(samples: list, labels: list[int]) -> DataLoader:
+            return accelerator.prepare(DataLoader(
+                EvalDataset(adapter, samples, labels), batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter),
+                num_workers=min(cfg.data.num_workers, 2), generator=torch.Generator().manual_seed(cfg.seed)))
+
+        self.accelerator = accelerator
+        self.test_loader = loader(data.test, data.test_labels)
+        self.dev_loader = loader(data.dev, data.dev_labels) if data.dev else None
+        self.test_accuracy = self.dev_accuracy = float("nan")
+        self.evaluated = 0
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        self.test_accuracy, self.evaluated = evaluate(model, self.test_loader, self.accelerator)
+        if self.dev_loader is not None:
+            self.dev_accuracy, _ = evaluate(model, self.dev_loader, self.accelerator)
+            return {"test_accuracy": self.test_accuracy, "dev_accuracy": self.dev_accuracy}
+        return {"test_accuracy": self.test_accuracy}
+
+
 def fit(cfg: Config) -> dict[str, Any]:
     """Train as `cfg` says; return the summary also written to `summary.json`."""
     started = time.monotonic()
     run_dir = check_run_dir(cfg)
-    # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
     precision = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), cfg.trainer.channels_last)
     # Accelerate keeps its precision in a process-wide singleton; a second run in one process (a notebook,
     # a benchmark) may choose another. The process group (PartialState) is left as it is.
     AcceleratorState._reset_state(reset_partial_state=False)
+    # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode,
                               log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with,
                               project_dir=str(run_dir))
@@ -217,93 +225,64 @@ def fit(cfg: Config) -> dict[str, Any]:
     if accelerator.is_main_process:
         write_run_dir(cfg, run_dir)
     accelerator.wait_for_everyone()
+    accelerator.print(precision.describe())
 
     # ==== data: the adapter loads, the core splits ====
     adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
     raw = adapter.load()
     check_raw_data(raw)
-    num_classes = raw.num_classes
-    labeled_idx = split_labeled(raw.train_labels, num_classes, cfg.data.num_labels, cfg.data.labels_per_class, cfg.seed)
-    dev_idx = split_dev(raw.train_labels, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
-    held_out = set(dev_idx)
-    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train)) if i not in held_out]
-    pool += [(sample, -1) for sample in raw.unlabeled]
-    pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
-    test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
+    data = split_run_data(raw, cfg)
 
-    # ==== model, objective, optimiser ====
-    objective = objective_from_config(cfg, num_classes)
-    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
+    # ==== model, objective, optimiser: the training state ====
+    objective = objective_from_config(cfg, data.num_classes)
+    model = SSLModel(adapter.build_encoder(), data.num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
                      linear_head=objective.head == "linear")
     if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.trainer)
-    ema = EMA(model, cfg.trainer.ema_decay)
-    step, elapsed_before = 0, 0.0
-
+    state = TrainState(model, EMA(model, cfg.trainer.ema_decay), optimizer, objective, data.labeled_indices)
     checkpoints = run_dir / "checkpoints"
-    resumed_from = None
-    if cfg.resume != "never":
-        found = load_latest_valid(checkpoints) if cfg.resume == "auto" else (Path(cfg.resume), load_checkpoint(Path(cfg.resume)))
-        if found is not None:
-            resumed_from, state = found
-            model.load_state_dict(state["model"])
-            ema.load_state_dict(state["ema"])
-            optimizer.load_state_dict(state["optimizer"])
-            objective.load_state_dict(state.get("objective", objective.state_dict()))
-            torch.set_rng_state(state["rng"])
-            step, elapsed_before = int(state["step"]), float(state["elapsed_seconds"])
-            if state["labeled_indices"] != labeled_idx:
-                raise CheckpointError(f"{resumed_from}: its labeled split differs from this config's")
-            accelerator.print(f"resumed from {resumed_from} at step {step}")
-    ema.module.to(accelerator.device)
+    resumed_from = resume(state, cfg, checkpoints)
+    if resumed_from:
+        accelerator.print(f"resumed from {resumed_from} at step {state.step}")
+    state.ema.module.to(accelerator.device)
     if cfg.trainer.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
         model.encoder.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
     metrics_file, train_log = run_dir / "metrics.jsonl", run_dir / "train.jsonl"
     if accelerator.is_main_process:
-        keep_metric_lines_up_to(metrics_file, step)
-        keep_metric_lines_up_to(train_log, step)
+        keep_metric_lines_up_to(metrics_file, state.step)
+        keep_metric_lines_up_to(train_log, state.step)
 
-    labeled_samples, labeled_labels = [raw.train[i] for i in labeled_idx], [raw.train_labels[i] for i in labeled_idx]
-    steps_data = StepDataset(adapter, labeled_samples, labeled_labels,
-                             [s for s, _ in pool], [y for _, y in pool], cfg.data.batch_size, cfg.data.mu,
-                             objective.unlabeled_views, cfg.trainer.max_steps, cfg.seed,
-                             accelerator.process_index, accelerator.num_processes)
+    steps_data = StepDataset(adapter, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
+                             [y for _, y in data.pool], cfg.data.batch_size, cfg.data.mu, objective.unlabeled_views,
+                             cfg.trainer.max_steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
     workers = cfg.data.num_workers
-    train_loader = DataLoader(steps_data, batch_size=None, sampler=range(step, cfg.trainer.max_steps),
+    train_loader = DataLoader(steps_data, batch_size=None, sampler=range(state.step, cfg.trainer.max_steps),
                               num_workers=workers, prefetch_factor=4 if workers else None,
-                              generator=torch.Generator().manual_seed(cfg.seed),
-                              pin_memory=torch.cuda.is_available())
-    def eval_loader_of(samples: list, labels: list[int]) -> DataLoader:
-        return accelerator.prepare(DataLoader(
-            EvalDataset(adapter, samples, labels), batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter),
-            num_workers=min(workers, 2), generator=torch.Generator().manual_seed(cfg.seed)))
-
-    eval_loader = eval_loader_of([raw.test[i] for i in test_idx], [raw.test_labels[i] for i in test_idx])
-    dev_loader = eval_loader_of([raw.train[i] for i in dev_idx], [raw.train_labels[i] for i in dev_idx]) if dev_idx else None
+                              generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
+    evaluator = Evaluator(adapter, data, cfg, accelerator)
     if cfg.trainer.log_with != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name, config=hparams)  # trackers accept scalars only
-
-    snapshot = EmbeddingSnapshot(adapter, labeled_samples, labeled_labels,
-                                 pool, cfg.seed, cfg.data.eval_batch_size)
-    if accelerator.is_main_process and cfg.trainer.save_embeddings and step == 0:
-        snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / "step_00000000.npz")
+    snapshot = EmbeddingSnapshot(adapter, data.labeled, data.labeled_labels, data.pool, cfg.seed, cfg.data.eval_batch_size)
+    if accelerator.is_main_process and cfg.trainer.save_embeddings and state.step == 0:
+        snapshot.save(state.ema.module, accelerator.device, run_dir / "embeddings" / "step_00000000.npz")
 
     # ==== the loop ====
     budget_seconds = cfg.trainer.max_minutes * 60 if cfg.trainer.max_minutes else math.inf
+    elapsed_before = state.elapsed_seconds
     sums: dict[str, Any] = {}
     counts: dict[str, Any] = {}
-    last_accuracy = last_dev_accuracy = float("nan")
     last_train_logs: dict[str, float] = {}
-    progress = make_progress_bar(accelerator, cfg, step)
+    progress = make_progress_bar(accelerator, cfg, state.step)
     stop_reason = "max_steps"
     loop_started = waiting_since = time.monotonic()
     data_wait = 0.0  # seconds the loop stood waiting for the DataLoader: the loader keeps up when this stays small
     with StopRequest() as stop:
         for batch in train_loader:
             data_wait += time.monotonic() - waiting_since
+            step = state.step
             lr = learning_rate(step, cfg.trainer)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
@@ -321,8 +300,8 @@ def fit(cfg: Config) -> dict[str, Any]:
             if cfg.trainer.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
             optimizer.step()
-            ema.update(unwrap(model, accelerator))
-            step += 1
+            state.ema.update(unwrap(model, accelerator))
+            state.step = step = step + 1
             # Sums stay on the device until logging time: no host sync per term and step.
             for key, value in out.logs.items():  # NaN = undefined this step (e.g. no confident sample)
                 value = value.detach().float()
@@ -330,7 +309,7 @@ def fit(cfg: Config) -> dict[str, Any]:
                 sums[key] = sums.get(key, 0.0) + torch.where(defined, value, 0.0)
                 counts[key] = counts.get(key, 0.0) + defined.float()
 
-            elapsed = elapsed_before + time.monotonic() - loop_started
+            state.elapsed_seconds = elapsed = elapsed_before + time.monotonic() - loop_started
             out_of_time = elapsed >= budget_seconds
             finished = step >= cfg.trainer.max_steps or out_of_time or stop.signal is not None
             if step % cfg.trainer.log_every == 0 or finished:
@@ -339,25 +318,20 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if cfg.trainer.log_with != "none":
                     accelerator.log({f"train/{k}": v for k, v in averages.items() if v is not None} | {"train/lr": lr},
                                     step=step)
-                progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}", acc=f"{last_accuracy:.3f}",
-                                     mask=f"{averages.get('mask_rate') or 0.0:.2f}")
+                progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}",
+                                     acc=f"{evaluator.test_accuracy:.3f}", mask=f"{averages.get('mask_rate') or 0.0:.2f}")
                 last_train_logs = averages
                 if accelerator.is_main_process:
                     append_json_line(train_log, {"step": step, "lr": lr, **averages})
             if step % cfg.trainer.eval_every == 0 or finished:
-                last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
-                if dev_loader is not None:
-                    last_dev_accuracy, _ = evaluate(ema.module, dev_loader, accelerator)
-                record = {"step": step, "test_accuracy": last_accuracy, "lr": lr,
-                          **({"dev_accuracy": last_dev_accuracy} if dev_loader is not None else {}),
-                          "elapsed_seconds": round(elapsed, 2), **last_train_logs}
+                accuracies = evaluator(state.ema.module)
                 if accelerator.is_main_process:
-                    append_json_line(metrics_file, record)
+                    append_json_line(metrics_file, {"step": step, **accuracies, "lr": lr,
+                                                    "elapsed_seconds": round(elapsed, 2), **last_train_logs})
                 if cfg.trainer.log_with != "none":
-                    accelerator.log({"eval/test_accuracy": last_accuracy}
-                                    | ({"eval/dev_accuracy": last_dev_accuracy} if dev_loader is not None else {}), step=step)
-            if step % cfg.trainer.checkpoint_every == 0 or finished:
-                save_training_state(accelerator, checkpoints, step, model, ema, optimizer, objective, labeled_idx, elapsed, cfg)
+                    accelerator.log({f"eval/{k}": v for k, v in accuracies.items()}, step=step)
+            if (step % cfg.trainer.checkpoint_every == 0 or finished) and accelerator.is_main_process:
+                save_train_state(state, checkpoints, cfg)
             progress.update(1)
             if finished:
                 stop_reason = ("signal" if stop.signal is not None else "max_minutes" if out_of_time else "max_steps")
@@ -365,21 +339,19 @@ def fit(cfg: Config) -> dict[str, Any]:
             waiting_since = time.monotonic()
     loop_seconds = time.monotonic() - loop_started
     progress.close()
-    if math.isnan(last_accuracy):  # nothing left to train (resumed a finished run): evaluate once
-        last_accuracy, evaluated = evaluate(ema.module, eval_loader, accelerator)
-        if dev_loader is not None:
-            last_dev_accuracy, _ = evaluate(ema.module, dev_loader, accelerator)
+    if math.isnan(evaluator.test_accuracy):  # nothing left to train (resumed a finished run): evaluate once
+        evaluator(state.ema.module)
 
     if stop_reason == "signal":
-        accelerator.print(f"stopped by signal {stop.signal} at step {step}; checkpoint saved, resume with resume=auto")
+        accelerator.print(f"stopped by signal {stop.signal} at step {state.step}; checkpoint saved, resume with resume=auto")
         accelerator.end_training()
         raise KeyboardInterrupt
     summary = {
-        "test_accuracy": last_accuracy,
-        "dev_accuracy": last_dev_accuracy if dev_loader is not None else None,
-        "steps": step,
+        "test_accuracy": evaluator.test_accuracy,
+        "dev_accuracy": evaluator.dev_accuracy if evaluator.dev_loader is not None else None,
+        "steps": state.step,
         "wall_seconds": round(time.monotonic() - started + elapsed_before, 2),
-        "train_seconds": round(elapsed_before + time.monotonic() - loop_started, 2),
+        "train_seconds": round(elapsed_before + loop_seconds, 2),
         "stop_reason": stop_reason,
         "objective": cfg.objective.name,
         "distance": cfg.distance.name if objective.needs_distance else None,
@@ -387,11 +359,11 @@ def fit(cfg: Config) -> dict[str, Any]:
         "recipe": cfg.recipe,
         "modality": cfg.modality.name,
         "encoder": cfg.model.encoder,
-        "num_labeled": len(labeled_idx),
-        "num_unlabeled": len(pool),
-        "num_dev": len(dev_idx),
-        "num_test": len(test_idx),
-        "num_test_evaluated": evaluated,
+        "num_labeled": len(data.labeled),
+        "num_unlabeled": len(data.pool),
+        "num_dev": len(data.dev),
+        "num_test": len(data.test),
+        "num_test_evaluated": evaluator.evaluated,
         "seed": cfg.seed,
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
@@ -405,81 +377,31 @@ def fit(cfg: Config) -> dict[str, Any]:
     }
     if accelerator.is_main_process:
         if cfg.trainer.save_embeddings:
-            snapshot.save(ema.module, accelerator.device, run_dir / "embeddings" / f"step_{step:08d}.npz")
+            snapshot.save(state.ema.module, accelerator.device, run_dir / "embeddings" / f"step_{state.step:08d}.npz")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     # end_training destroys the process group: no process tears it down while the main one still writes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     dev = f"dev_accuracy={summary['dev_accuracy']:.4f} " if summary["dev_accuracy"] is not None else ""
-    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} steps={step} "
+    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} steps={state.step} "
                       f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
     return summary
 
 
-class EmbeddingSnapshot:
-    """Embeddings of a fixed, seeded sample of labeled and unlabeled data, saved for plots.
-
-    `python -m dmssl.plot RUN_DIR` projects them to 2-D to show how matching moves the unlabeled cloud.
-    """
-
-    def __init__(self, adapter: Any, labeled: list, labels: list[int], pool: list, seed: int, batch_size: int,
-                 size: int = 500) -> None:
-        self.adapter, self.batch_size = adapter, batch_size
-        keep_l = seeded_subset(len(labeled), size, seed + 13)
-        keep_u = seeded_subset(len(pool), size, seed + 17)
-        self.samples = [labeled[i] for i in keep_l] + [pool[i][0] for i in keep_u]
-        self.targets = [labels[i] for i in keep_l] + [pool[i][1] for i in keep_u]
-        self.is_labeled = [True] * len(keep_l) + [False] * len(keep_u)
-
-    @torch.no_grad()
-    def save(self, model: SSLModel, device: torch.device, path: Path) -> None:
-        model.eval()
-        parts = []
-        for start in range(0, len(self.samples), self.batch_size):
-            views = [self.adapter.test_view(s) for s in self.samples[start: start + self.batch_size]]
-            parts.append(model(send_to_device(self.adapter.collate(views), device)).float().cpu())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        import numpy as np
-
-        np.savez(path, embeddings=torch.cat(parts).numpy(), targets=np.array(self.targets),
-                 is_labeled=np.array(self.is_labeled), prototypes=model.prototypes.float().cpu().numpy())
+def resume(state: TrainState, cfg: Config, checkpoints: Path) -> Path | None:
+    """Load the checkpoint `cfg.resume` names (auto: the newest readable one) into `state`; its path, or None."""
+    if cfg.resume == "never":
+        return None
+    found = load_latest_valid(checkpoints) if cfg.resume == "auto" else (Path(cfg.resume), load_checkpoint(Path(cfg.resume)))
+    if found is None:
+        return None
+    path, saved = found
+    state.load_state_dict(saved, source=str(path))
+    return path
 
 
 def unwrap(model: nn.Module, accelerator: Accelerator) -> SSLModel:
     return accelerator.unwrap_model(model)
-
-
-def save_training_state(accelerator: Accelerator, folder: Path, step: int, model: nn.Module, ema: EMA,
-                        optimizer: torch.optim.Optimizer, objective: nn.Module, labeled_idx: list[int], elapsed: float, cfg: Config) -> None:
-    if not accelerator.is_main_process:
-        return
-    state = {
-        "step": step,
-        "model": unwrap(model, accelerator).state_dict(),
-        "ema": ema.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "objective": objective.state_dict(),
-        "rng": torch.get_rng_state(),
-        "elapsed_seconds": elapsed,
-        "labeled_indices": labeled_idx,
-        "config": json.dumps(config_to_dict(cfg), default=str),
-    }
-    save_checkpoint(state, checkpoint_path(folder, step))
-    prune_checkpoints(folder, cfg.trainer.keep_checkpoints)
-
-
-def append_json_line(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, allow_nan=False, default=str) + "\n")
-
-
-def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:
-    """On resume, drop evaluations a killed run logged after its last checkpoint (they will be redone)."""
-    if not metrics_file.is_file():
-        return
-    kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
-    metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 class _NoBar:

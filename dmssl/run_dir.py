@@ -1,0 +1,133 @@
+"""The run folder: what makes a run itself, the folder's checks, its JSON-line logs and embedding snapshots.
+
+    RUN_DIR/config.yaml       the resolved config (a resumed run must match it, up to RESUMABLE_CHANGES)
+    RUN_DIR/metrics.jsonl     one line per evaluation (dev and test accuracy, the last training averages)
+    RUN_DIR/train.jsonl       one line per log interval
+    RUN_DIR/checkpoints/      step_XXXXXXXX.pt, written atomically (dmssl/checkpoint.py)
+    RUN_DIR/embeddings/       a fixed sample's embeddings at the start and the end, for plots
+    RUN_DIR/summary.json      written last
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate.utils import send_to_device
+
+from dmssl.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
+from dmssl.config import Config, config_to_dict
+from dmssl.data import seeded_subset
+from dmssl.errors import CheckpointError
+from dmssl.model import SSLModel
+from dmssl.train_state import TrainState
+
+# Keys that may change between a run and its resumption without making it a different run.
+RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_every", "trainer.log_every",
+                     "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress_bar",
+                     "trainer.log_with", "trainer.save_embeddings", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
+                     "output_dir", "resume", "overwrite"}
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def run_identity(cfg: Config) -> dict[str, Any]:
+    """The settings that make a run this run (what may not change on resume)."""
+    return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+
+
+def check_run_dir(cfg: Config) -> Path:
+    """The run folder; refuse to mix two different runs in one folder (reads only, on every process)."""
+    run_dir = Path(cfg.output_dir or f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
+    config_file = run_dir / "config.yaml"
+    if config_file.is_file() and not cfg.overwrite:
+        if cfg.resume == "never":
+            raise CheckpointError(
+                f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto to continue it, "
+                "overwrite=true to replace it, or another output_dir"
+            )
+        try:
+            previous = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+        except yaml.YAMLError as err:
+            raise CheckpointError(f"{config_file} is not valid YAML ({err}); pass overwrite=true to start afresh") from None
+        current = run_identity(cfg)
+        changed = sorted(k for k in current if k in previous and previous[k] != current[k])
+        if changed:
+            shown = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:5])
+            raise CheckpointError(
+                f"output_dir={str(run_dir)!r} holds a different run ({shown}); resume it with the same settings,"
+                " or pass overwrite=true / another output_dir"
+            )
+    return run_dir
+
+
+def write_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Create the folder (clearing an overwritten run's results) and save the resolved config (main process)."""
+    if cfg.overwrite and run_dir.exists():
+        for name in ("checkpoints", "metrics.jsonl", "train.jsonl", "summary.json", "embeddings", "plots"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
+
+
+def append_json_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record, allow_nan=False, default=str) + "\n")
+
+
+def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:
+    """On resume, drop evaluations a killed run logged after its last checkpoint (they will be redone)."""
+    if not metrics_file.is_file():
+        return
+    kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def save_train_state(state: TrainState, folder: Path, cfg: Config) -> None:
+    """Checkpoint `state` as step_XXXXXXXX.pt in `folder` and keep the newest `trainer.keep_checkpoints`."""
+    save_checkpoint(state.state_dict(config_to_dict(cfg)), checkpoint_path(folder, state.step))
+    prune_checkpoints(folder, cfg.trainer.keep_checkpoints)
+
+
+class EmbeddingSnapshot:
+    """Embeddings of a fixed, seeded sample of labeled and unlabeled data, saved for plots.
+
+    `python -m dmssl.plot RUN_DIR` projects them to 2-D to show how matching moves the unlabeled cloud.
+    """
+
+    def __init__(self, adapter: Any, labeled: list, labels: list[int], pool: list, seed: int, batch_size: int,
+                 size: int = 500) -> None:
+        self.adapter, self.batch_size = adapter, batch_size
+        keep_l = seeded_subset(len(labeled), size, seed + 13)
+        keep_u = seeded_subset(len(pool), size, seed + 17)
+        self.samples = [labeled[i] for i in keep_l] + [pool[i][0] for i in keep_u]
+        self.targets = [labels[i] for i in keep_l] + [pool[i][1] for i in keep_u]
+        self.is_labeled = [True] * len(keep_l) + [False] * len(keep_u)
+
+    @torch.no_grad()
+    def save(self, model: SSLModel, device: torch.device, path: Path) -> None:
+        model.eval()
+        parts = []
+        for start in range(0, len(self.samples), self.batch_size):
+            views = [self.adapter.test_view(s) for s in self.samples[start: start + self.batch_size]]
+            parts.append(model(send_to_device(self.adapter.collate(views), device)).float().cpu())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        import numpy as np
+
+        np.savez(path, embeddings=torch.cat(parts).numpy(), targets=np.array(self.targets),
+                 is_labeled=np.array(self.is_labeled), prototypes=model.prototypes.float().cpu().numpy())
