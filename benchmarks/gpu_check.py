@@ -44,8 +44,8 @@ from benchmarks.speed import (  # noqa: E402
     write_section,
     wrn_step_flops,
 )
-from dmssl.config import resolve  # noqa: E402
 from dmssl.objective import objective_from_config  # noqa: E402
+from dmssl.recipe import resolve  # noqa: E402
 
 # The adapter by module path: this script also runs from a plain checkout, where no entry point is installed.
 IMAGE = "modality.name=modalities.image:ImageModality"

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 import yaml  # noqa: E402
 
 from benchmarks.speed import write_section  # noqa: E402
-from dmssl.config import config_to_dict, resolve  # noqa: E402
+from dmssl.config import config_to_dict  # noqa: E402
+from dmssl.recipe import resolve  # noqa: E402
 
 PRESETS: dict[str, list[str]] = {
     "digits": ["recipe=quickstart"],

@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dmssl.config import resolve  # noqa: E402
 from dmssl.data import StepDataset  # noqa: E402
 from dmssl.distances import build_distance  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
 from dmssl.objective import objective_from_config, run_objective  # noqa: E402
+from dmssl.recipe import resolve  # noqa: E402
 from dmssl.registry import load_modality  # noqa: E402
 from dmssl.trainer import build_optimizer  # noqa: E402
 

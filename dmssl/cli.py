@@ -25,12 +25,12 @@ Every key: docs/config-reference.md"""
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
-        from dmssl.config import recipe_names
+        from dmssl.recipe import recipe_names
 
         print(USAGE.format(recipes=", ".join(recipe_names())))
         return 0
     try:
-        from dmssl.config import resolve
+        from dmssl.recipe import resolve
         from dmssl.trainer import fit
 
         cfg = resolve(args)

@@ -13,7 +13,8 @@ import inspect
 import re
 import typing
 
-from dmssl.config import METHOD_SECTIONS, SECTIONS, TOP_LEVEL, Config, _describe, _registries
+from dmssl.config import METHOD_SECTIONS, SECTIONS, TOP_LEVEL, Config, _registries
+from dmssl.recipe import _describe
 from dmssl.registry import load_modality, modality_names
 
 HEADER = """# Configuration reference

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from dmssl.config import resolve
+from dmssl.recipe import resolve
 from dmssl.testing import check_adapter
 from examples.tabular import TabularModality
 

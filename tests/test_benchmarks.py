@@ -71,7 +71,8 @@ def test_finished_with_same_config__reuses_only_a_run_with_the_cells_config(tmp_
     import yaml
 
     from benchmarks.quality import finished_with_same_config
-    from dmssl.config import config_to_dict, resolve
+    from dmssl.config import config_to_dict
+    from dmssl.recipe import resolve
 
     overrides = ["recipe=quickstart", "objective.name=sscl", "trainer.max_steps=300", f"output_dir={tmp_path}"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_to_dict(resolve(overrides)), sort_keys=False))

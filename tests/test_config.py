@@ -6,8 +6,9 @@ import sys
 import pytest
 import yaml
 
-from dmssl.config import Config, build_config, config_to_dict, recipe_names, resolve
+from dmssl.config import Config, config_to_dict
 from dmssl.errors import ConfigError
+from dmssl.recipe import build_config, recipe_names, resolve
 from modalities.image import ImageOptions
 from tests.conftest import ROOT
 
@@ -58,7 +59,7 @@ def test_every_recipe_parses_and_validates(name):
     (["recipe=quickstart", "trainer.lr=fast"], "trainer.lr='fast' is not a float"),
     (["recipe=quickstart", "modality.hflip=maybe"], "modality.hflip='maybe' is not a bool"),
     (["recipe=quickstart", "distance.name=wasserstien"], "did you mean 'wasserstein'"),
-    (["recipe=quickstart", "objective.name=mixmatch"], "Available: dmssl, fixmatch, sscl, supervised"),
+    (["recipe=quickstart", "objective.name=mixmatch"], "Available: dmssl, fixmatch, fixmatch_proto, sscl, supervised"),
     (["recipe=quickstart", "pseudo_label.threshold=1.5"], "must be in (0, 1]"),
     (["recipe=quickstart", "data.mu=0"], "data.mu=0 must be > 0"),
     (["recipe=quickstart", "trainer.max_steps=-3"], "trainer.max_steps=-3 must be > 0"),

@@ -83,7 +83,7 @@ def test_fit__dev_split_is_evaluated_and_never_trained_on(tmp_path, monkeypatch)
     import json
 
     import dmssl.trainer as trainer
-    from dmssl.config import resolve
+    from dmssl.recipe import resolve
 
     seen = {}
     real_step_dataset = trainer.StepDataset

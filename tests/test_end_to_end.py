@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dmssl.checkpoint import list_checkpoints, load_checkpoint
-from dmssl.config import resolve
+from dmssl.recipe import resolve
 from dmssl.trainer import fit
 from tests.conftest import ROOT
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import yaml
 
-from dmssl.config import resolve
 from dmssl.errors import ConfigError
+from dmssl.recipe import resolve
 from tests.conftest import ROOT
 
 FAST = ["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0", "data.batch_size=8", "data.mu=2",

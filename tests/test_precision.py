@@ -9,9 +9,9 @@ import torch
 import dmssl.precision as precision
 import dmssl.trainer as trainer
 from dmssl.checkpoint import list_checkpoints, load_checkpoint
-from dmssl.config import resolve
 from dmssl.distances import Distance
 from dmssl.model import SSLModel
+from dmssl.recipe import resolve
 from dmssl.trainer import fit
 from modalities.image import SmallCNN
 

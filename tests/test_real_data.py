@@ -2,7 +2,7 @@
 
 import pytest
 
-from dmssl.config import resolve
+from dmssl.recipe import resolve
 from dmssl.trainer import fit
 from tests.conftest import SHARED_DATA
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dmssl.config import resolve
+from dmssl.recipe import resolve
 from dmssl.testing import AdapterCheckError, check_adapter
 from examples.tabular import MLP, TabularModality
 

@@ -120,7 +120,7 @@ def test_encoder__spectrogram_and_feature_shapes():
 
 @pytest.mark.slow
 def test_end_to_end__tiny_audio_run(tmp_path):
-    from dmssl.config import resolve
+    from dmssl.recipe import resolve
     from dmssl.trainer import fit
 
     root = make_folder(tmp_path / "clips")

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import v2
 
-from dmssl.config import resolve
 from dmssl.data import StepDataset, seeded_rng
+from dmssl.recipe import resolve
 from modalities.image import ImageModality
 from modalities.image_augment import RANDAUGMENT_OPERATIONS, cutout, rand_augment, random_crop, random_hflip
 

@@ -155,7 +155,7 @@ def test_default_model_resolves_to_the_packaged_weights():
 
 @pytest.mark.slow
 def test_end_to_end__tiny_bert_run(tiny_bert, data_root, tmp_path):
-    from dmssl.config import resolve
+    from dmssl.recipe import resolve
     from dmssl.trainer import fit
 
     summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"model.name={tiny_bert}",
