@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +55,13 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.dev_size < 0:
             raise ConfigError(f"data.dev_size={self.dev_size} must be >= 0")
+        if self.label_pattern is not None:
+            try:
+                if re.compile(self.label_pattern).groups < 1:
+                    raise ConfigError(f"data.label_pattern={self.label_pattern!r} has no group: its first group "
+                                      r"must capture the class, e.g. '^(\d)_'")
+            except re.error as err:
+                raise ConfigError(f"data.label_pattern={self.label_pattern!r} is not a regex: {err}") from None
 
 
 @dataclass

@@ -79,10 +79,13 @@ class Modality(ABC):
         Options: a dataclass of this adapter's recipe keys (the `modality:` section), or None.
         defaults: recipe values this modality recommends, e.g. its MMD kernel
             (`{"distance": {"kernel": "imq"}}`); a recipe or an override still wins.
+        encoders: the `model.encoder` names `build_encoder` accepts; a config naming another one is
+            refused before any data is read. None: not checked until `build_encoder`.
     """
 
     Options: ClassVar[type | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
+    encoders: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, options: Any, data: DataConfig, model: ModelConfig) -> None:
         self.options = options

@@ -326,4 +326,11 @@ def resolve(tokens: list[str]) -> Config:
     modality_name = str((tree.get("modality") or {}).get("name", "image"))
     adapter_cls = load_modality(modality_name)
     tree = deep_merge(getattr(adapter_cls, "defaults", {}) or {}, tree)
-    return build_config(tree, getattr(adapter_cls, "Options", None), explicit)
+    cfg = build_config(tree, getattr(adapter_cls, "Options", None), explicit)
+    encoders = getattr(adapter_cls, "encoders", None)
+    if encoders and cfg.model.encoder not in encoders:
+        near = difflib.get_close_matches(cfg.model.encoder, encoders, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ConfigError(f"model.encoder={cfg.model.encoder!r} is not an encoder of modality {modality_name!r}{hint} "
+                          f"Allowed: {', '.join(encoders)}")
+    return cfg

@@ -83,6 +83,7 @@ class AudioModality(Modality):
     """Mono waveforms of fixed length; encoder `spec_resnet` (log-mel + small ResNet)."""
 
     Options = AudioOptions
+    encoders = ("spec_resnet",)
     # Spectrogram-CNN embeddings are unit-norm like the image ones: multi-bandwidth Gaussian MMD.
     defaults = {"model": {"encoder": "spec_resnet"},
                 "distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}

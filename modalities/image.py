@@ -62,6 +62,7 @@ class ImageModality(Modality):
     """Images as uint8 (C, H, W) tensors; encoders small_cnn, wrn28_2, resnet18."""
 
     Options = ImageOptions
+    encoders = ("small_cnn", "wrn28_2", "resnet18")
     # Unit-norm 128-d embeddings: a multi-bandwidth Gaussian around the median distance.
     defaults = {"distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
 

@@ -80,6 +80,7 @@ class TextModality(Modality):
     """Sequences of token ids; encoder: a Transformer from `model.name` with mean or CLS pooling."""
 
     Options = TextOptions
+    encoders = ("transformer",)
     # Transformer sentence embeddings cluster by direction: IMQ's heavy tails keep far pairs informative.
     defaults = {"model": {"encoder": "transformer", "name": DEFAULT_MODEL},
                 "distance": {"kernel": "imq"},

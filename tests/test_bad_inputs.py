@@ -63,6 +63,9 @@ CASES = [
     ([*Q, "pseudo_label.name=softmatch", "pseudo_label.n_sigma=0"], "pseudo_label.n_sigma=0.0 must be > 0"),
     ([*Q, "distance.kernel=gausian"], "unknown kernel 'gausian'; did you mean 'gaussian'?"),
     ([*Q, "data.mu=0"], "data.mu=0 must be > 0"),
+    ([*Q, "model.encoder=resnet9000"], "model.encoder='resnet9000' is not an encoder of modality 'image'"),
+    ([*Q, "data.label_pattern=(unclosed"], "data.label_pattern='(unclosed' is not a regex"),
+    ([*Q, "data.label_pattern=no_group"], "data.label_pattern='no_group' has no group"),
     ([*Q, "data.mu=-2"], "data.mu=-2"),
     ([*Q, "data.batch_size=0"], "data.batch_size=0"),
     ([*Q, "distance.name=emd"], "distance.name='emd': unknown distance 'emd'"),
@@ -81,7 +84,7 @@ CASES = [
     (["recipe=image_cifar10", "data.root={tmp}/empty"], "no readable images under"),
     (["recipe=image_cifar10", "data.root={tmp}/mismatch", "data.num_labels=null"], "test classes ['bird'] have no training images"),
     (["recipe=image_cifar10", "data.root={tmp}/broken"], "no readable images under"),
-    ([*Q, "model.encoder=vit"], "model.encoder='vit' is not an image encoder"),
+    ([*Q, "model.encoder=vit"], "model.encoder='vit' is not an encoder of modality 'image'"),
     ([*TEXT, "data.root={tmp}/latin1", "model.name={bert}"], "latin1/train.jsonl is not UTF-8 text (line 1"),
     ([*TEXT, "data.root={tmp}/emptytext", "model.name={bert}"], "the training set is empty"),
     ([*TEXT, "data.root={tmp}/threeclass", "model.name={bert}", "modality.class_names=[a,b,c]",
@@ -108,3 +111,19 @@ def test_bad_input_exits_2_and_names_the_value(argv, message, folders, tiny_bert
 
 def test_table_has_at_least_25_cases():
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize("override", ["model.encoder=resnet9000", "trainer.lr=nan", "data.label_pattern=(x",
+                                      "objective.lambda_dm=inf", "pseudo_label.name=nosuch", "distance.kernel=rbf"])
+def test_config_errors_come_before_any_data_is_read(override, monkeypatch):
+    """These stop in `resolve`, which reads recipes only: an adapter's `load` would fail the test if called."""
+    from dmssl.errors import ConfigError
+    from dmssl.recipe import resolve
+    from modalities.image import ImageModality
+
+    def no_load(self):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(ImageModality, "load", no_load)
+    with pytest.raises(ConfigError):
+        resolve(["recipe=image_cifar10", "data.root=/nonexistent.tar.gz", override])
