@@ -388,6 +388,8 @@ def main() -> int:
     parser.add_argument("--cifar", help="CIFAR-10 image-folder archive, for the loading benchmark")
     parser.add_argument("--fsdd", help="FSDD recordings archive, for the loading benchmark")
     parser.add_argument("--imdb", help="IMDB folder (train/unsup/test JSON lines), for the loading benchmark")
+    parser.add_argument("--recipes", default="quickstart,cifar,fsdd,imdb",
+                        help="which recipes (c) and (d) time, of those whose data is given (default: all)")
     parser.add_argument("--sections", default="abcd", help="which parts to run: any of a, b, c, d (default: all)")
     parser.add_argument("--variants", default=",".join(PRECISION_VARIANTS),
                         help=f"(d): comma-separated, the first is the reference; of {', '.join(PRECISION_VARIANTS)}")
@@ -406,12 +408,13 @@ def main() -> int:
                               "command": "python benchmarks/speed.py " + " ".join(sys.argv[1:]),
                               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {DEVICE.type}"
                                          + (f" ({torch.cuda.get_device_name()})" if DEVICE.type == "cuda" else "")}
-    recipes = [["recipe=quickstart"]]
-    if args.cifar:
+    chosen = {name.strip() for name in args.recipes.split(",")}
+    recipes = [["recipe=quickstart"]] if "quickstart" in chosen else []
+    if args.cifar and "cifar" in chosen:
         recipes.append(["recipe=image_cifar10", "model.encoder=small_cnn", f"data.root={args.cifar}"])
-    if args.fsdd:
+    if args.fsdd and "fsdd" in chosen:
         recipes.append(["recipe=audio_fsdd", f"data.root={args.fsdd}"])
-    if args.imdb:
+    if args.imdb and "imdb" in chosen:
         recipes.append(["recipe=text_sentiment", f"data.root={args.imdb}"])
     if "a" in args.sections or "b" in args.sections or "c" in args.sections:
         base = ["recipe=image_cifar10", "model.encoder=small_cnn"] + (["data.batch_size=16"] if args.quick else [])
