@@ -121,29 +121,29 @@ MOVED_KEYS = {
 class TrainerConfig:
     """The loop: budget, optimiser, schedule, EMA, evaluation, checkpoints, logging."""
 
-    max_steps: int = 1000
+    max_steps: int = 1000  # optimisation steps; also the length of the cosine schedule
     max_minutes: float | None = None  # stop (and evaluate) when this wall-clock budget is spent
     optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.03
+    lr: float = 0.03  # peak learning rate
     head_lr_scale: float = 1.0  # lr multiplier for the projection head and prototypes (new layers on a pretrained encoder)
     momentum: float = 0.9  # sgd
     nesterov: bool = True  # sgd
-    weight_decay: float = 5e-4
-    warmup_steps: int = 0
+    weight_decay: float = 5e-4  # not applied to biases, norm parameters and prototypes
+    warmup_steps: int = 0  # linear warm-up of the learning rate
     schedule: Literal["cosine", "constant"] = "cosine"
     cosine_cycles: float = 0.4375  # FixMatch's 7/16: lr ends at cos(7 pi / 16) = 0.2 of its peak
-    ema_decay: float = 0.999
-    grad_clip: float | None = None
-    eval_every: int = 500
-    log_every: int = 50
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    ema_decay: float = 0.999  # EMA of the weights; evaluation (dev and test accuracy) uses the EMA model
+    grad_clip: float | None = None  # max gradient norm; null: no clipping
+    eval_every: int = 500  # steps between evaluations (and at the end)
+    log_every: int = 50  # steps between train.jsonl lines
+    checkpoint_every: int = 500  # steps between checkpoints (and at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a bf16 GPU or a CPU with AMX/AVX512_BF16, else fp32
     channels_last: bool = True  # NHWC convolution weights: faster on CPUs (fp32 and bf16) and on GPUs in bf16
     compile: bool = False  # torch.compile the encoder (a minute or more of compiling first; see docs/precision.md)
     log_with: Literal["none", "tensorboard"] = "none"
     save_embeddings: bool = True  # embeddings of 500 labeled + 500 unlabeled samples at start and end, for plots
-    progress_bar: bool = True
+    progress_bar: bool = True  # a tqdm bar on the main process
 
     def validate(self) -> None:
         _positive("trainer.max_steps", self.max_steps)

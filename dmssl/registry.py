@@ -87,7 +87,9 @@ def load_modality(reference: str) -> type:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ConfigError(f"modality={reference!r}: cannot import module {module_name!r} ({err})") from None
+            raise ConfigError(f"modality={reference!r}: cannot import module {module_name!r} ({err}); run from the "
+                              "folder that holds it, add that folder to PYTHONPATH, or pip install -e the package "
+                              "(which may also register a short name in the dmssl.modalities entry-point group)") from None
         if not hasattr(module, class_name):
             raise ConfigError(f"modality={reference!r}: module {module_name!r} has no attribute {class_name!r}")
         adapter = getattr(module, class_name)

@@ -155,6 +155,10 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
     except Exception as err:
         check("collate", False, f"collate() raised {type(err).__name__}: {err}; it must batch views of any length")
         raise AdapterCheckError(_format(report)) from err
+    if not check("collate returns a tensor or a dict of tensors", _is_batch(batch),
+                 f"collate() returned {type(batch).__name__}; return one tensor (batch first) or a dict of tensors, "
+                 "which the core moves to the device and passes to the encoder as is"):
+        raise AdapterCheckError(_format(report))
     check("collate keeps every sample", batch_size_of(batch) == {len(views)},
           f"collate() of {len(views)} views gave batch sizes {sorted(batch_size_of(batch))}; return a tensor or a dict of "
           "tensors whose first dimension is the number of views (pad, do not drop or merge samples)")
@@ -171,17 +175,30 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
                  f"the encoder must have an int attribute feature_dim > 0, got {width!r}"):
         raise AdapterCheckError(_format(report))
     encoder.train()
-    features = encoder(batch)
+    try:
+        features = encoder(batch)
+    except Exception as err:
+        check("encoder runs on a collated batch", False, f"encoder(collate(views)) raised {type(err).__name__}: {err}")
+        raise AdapterCheckError(_format(report)) from err
     shape_ok = isinstance(features, torch.Tensor) and tuple(features.shape) == (len(views), width)
     check("encoder output is (B, feature_dim)", shape_ok,
           f"encoder(batch) returned shape {tuple(getattr(features, 'shape', ()))}, expected ({len(views)}, {width}); "
           "make feature_dim equal the width of what forward returns")
     if shape_ok:
         check("encoder output is finite", bool(torch.isfinite(features).all()), "encoder produced NaN or inf")
-        features.float().pow(2).mean().backward()
-        grads = [p.grad for p in encoder.parameters() if p.requires_grad]
-        check("gradients reach the encoder", bool(grads) and any(g is not None and g.abs().sum() > 0 for g in grads),
-              "no gradient reached the encoder's parameters; do not detach or run forward under no_grad")
+        grads = []
+        if features.requires_grad:
+            features.float().pow(2).mean().backward()
+            grads = [p.grad for p in encoder.parameters() if p.requires_grad]
+        shape_ok &= check("gradients reach the encoder",
+                          bool(grads) and any(g is not None and g.abs().sum() > 0 for g in grads),
+                          "no gradient reached the encoder's parameters (its output "
+                          f"{'has no grad_fn' if not features.requires_grad else 'does not depend on them'}); do not "
+                          "detach, call .item()/.numpy(), or run forward under torch.no_grad()")
+
+    # ---- collate keeps each sample in its row (else the labels and the views' checks below mean nothing)
+    if shape_ok:
+        shape_ok &= _check_collate_order(adapter, encoder, views, check)
 
     # ---- views keep the label (judged by the encoder's similarities)
     if shape_ok:
@@ -203,6 +220,30 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
     return report
 
 
+def _is_batch(batch: Any) -> bool:
+    if isinstance(batch, torch.Tensor):
+        return True
+    return isinstance(batch, dict) and bool(batch) and all(isinstance(v, torch.Tensor) for v in batch.values())
+
+
+def _check_collate_order(adapter: Modality, encoder: torch.nn.Module, views: list, check: Any) -> bool:
+    """Each view's features in the batch equal its features collated alone (eval mode: no batch statistics).
+
+    A collate that reorders rows pairs views with the wrong labels; without this check that shows up
+    later as "views change the label", which sends the author to the wrong function.
+    """
+    picks = list(range(0, len(views), max(1, len(views) // 8)))[:8]
+    with torch.no_grad():
+        encoder.eval()
+        together = encoder(adapter.collate(views)).float()
+        alone = torch.cat([encoder(adapter.collate([views[i]])).float() for i in picks])
+    scale = together.abs().max().clamp_min(1e-6)
+    ok = bool(((together[picks] - alone).abs().max() / scale) < 1e-3)
+    return check("collate keeps each sample in its row", ok,
+                 "row i of collate(views) is not view i (compared through the encoder, each view collated alone); "
+                 "keep the views' order: labels are matched to rows by position")
+
+
 def _check_raw(raw: Any, check: Any) -> bool:
     if not check("load returns RawData", isinstance(raw, RawData), f"load() must return dmssl.modality.RawData, got {type(raw).__name__}"):
         return False
@@ -212,6 +253,11 @@ def _check_raw(raw: Any, check: Any) -> bool:
                 f"{len(raw.test)} test samples vs {len(raw.test_labels)} labels (and at least one is needed)")
     k = raw.num_classes
     ok &= check("at least two classes", k >= 2, f"class_names has {k} entries")
+    not_ints = [y for y in list(raw.train_labels) + list(raw.test_labels) if not isinstance(y, (int, np.integer))]
+    if not check("labels are class indices (int)", not not_ints,
+                 f"labels {sorted({repr(y) for y in not_ints})[:3]} are not ints; RawData holds class indices "
+                 "0..K-1 (-1 for unknown), and class_names[i] is the name of class i: map names to indices in load()"):
+        return False
     bad = [y for y in list(raw.train_labels) + list(raw.test_labels) if not (-1 <= y < k)]
     ok &= check("labels in range", not bad, f"labels {sorted(set(bad))[:5]} outside [0, {k}) (-1 marks unlabeled)")
     return ok
@@ -252,6 +298,8 @@ def _check_label_preserving(adapter: Modality, encoder: torch.nn.Module, samples
     for name in ("weak", "strong"):
         with seeded_rng(seed):
             views = getattr(adapter, f"{name}_views")([s for s, _ in pairs])
+        if not isinstance(views, list) or len(views) != len(pairs):
+            continue  # already reported by "{name}_views gives one view per sample"
         z = _embed(encoder, adapter, views)
         closer = ((z * own).sum(1) > (z * foreign).sum(1)).float().mean().item()
         check(f"{name} view keeps the label", closer >= LABEL_CHECK_THRESHOLD,

@@ -72,3 +72,49 @@ def test_check_adapter__shipped_image_adapter_passes():
     from modalities.image import ImageModality
 
     assert check_adapter(ImageModality, cfg).passed
+
+
+class DetachedEncoder(TabularModality):
+    def build_encoder(self):
+        encoder = super().build_encoder()
+        forward = encoder.forward
+        encoder.forward = lambda x: forward(x).detach()
+        return encoder
+
+
+class DroppingWeakViews(TabularModality):
+    def weak_views(self, samples):
+        return [self.weak(s) for s in samples][:-1]
+
+
+class StringLabels(TabularModality):
+    def load(self):
+        raw = super().load()
+        raw.train_labels = [raw.class_names[y] if y >= 0 else -1 for y in raw.train_labels]
+        return raw
+
+
+class ShufflingCollate(TabularModality):
+    def collate(self, views):
+        batch = torch.stack(views)
+        return batch[torch.randperm(len(views), generator=torch.Generator().manual_seed(1))]
+
+
+class TupleCollate(TabularModality):
+    def collate(self, views):
+        return (torch.stack(views),)
+
+
+@pytest.mark.parametrize(("adapter", "message"), [
+    (DetachedEncoder, "gradients reach the encoder: no gradient reached the encoder's parameters (its output has no grad_fn)"),
+    (DroppingWeakViews, "weak_views gives one view per sample: weak_views() of 16 samples returned list of length 15"),
+    (StringLabels, "labels are class indices (int)"),
+    (ShufflingCollate, "collate keeps each sample in its row"),
+    (TupleCollate, "collate returns a tensor or a dict of tensors: collate() returned tuple"),
+])
+def test_check_adapter__reports_instead_of_crashing(adapter, message):
+    with pytest.raises(AdapterCheckError) as caught:
+        check_adapter(adapter, CFG)
+    assert message in str(caught.value)
+    if adapter is ShufflingCollate:  # reported as the collate's fault, not as views that change labels
+        assert "keeps the label" not in str(caught.value)
