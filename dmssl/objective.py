@@ -282,11 +282,13 @@ class DistributionMatchingOptions(ContrastiveOptions):
     dm_views: Literal["weak", "strong", "both"] = "weak"  # unlabeled views matched to labeled
     class_conditional: bool = False  # match labeled class k to unlabeled pseudo-labeled k
     dm_warmup_steps: int = 0  # ramp lambda_dm linearly from 0 over this many steps
+    labeled_memory: int = 0  # also match the last N labeled embeddings (detached, FIFO); 0: this step's only
 
     def validate(self) -> None:
         super().validate()
         _non_negative(self, "lambda_dm")
         _non_negative(self, "dm_warmup_steps")
+        _non_negative(self, "labeled_memory")
 
 
 @OBJECTIVES.register("dmssl")
@@ -297,10 +299,35 @@ class DistributionMatching(SemiSupervisedContrastive):
     averaged over classes k of D(labeled of class k, unlabeled confidently pseudo-labeled k), over
     the classes with at least two samples on each side. Embeddings are gathered from every process
     first, so the distance is that of the global batch. lambda_dm ramps up over `dm_warmup_steps`.
+
+    With few labels a step's labeled side repeats the same handful of samples; `labeled_memory` = N adds
+    the last N labeled embeddings (from earlier steps, detached, as HSR's memory of 128) to that side,
+    so the labeled distribution is estimated from more draws. The gradient still flows through this
+    step's embeddings only. The memory is a buffer: checkpoints carry it.
     """
 
     Options = DistributionMatchingOptions
     needs_distance = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_buffer("memory", torch.zeros(0, 0))
+        self.register_buffer("memory_labels", torch.zeros(0, dtype=torch.long))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # The memory's size is known only once it has been filled: take the saved one's shape.
+        for name in ("memory", "memory_labels"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name]))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def remember(self, labeled: torch.Tensor, labels: torch.Tensor) -> None:
+        size = self.options.labeled_memory
+        if self.memory.numel() == 0:
+            self.memory = labeled.new_zeros(0, labeled.shape[1])
+        self.memory = torch.cat([self.memory.to(labeled), labeled.detach()])[-size:]
+        self.memory_labels = torch.cat([self.memory_labels.to(labels.device), labels])[-size:]
 
     def unlabeled_for_matching(self, emb: StepEmbeddings) -> torch.Tensor:
         assert emb.weak is not None
@@ -313,12 +340,17 @@ class DistributionMatching(SemiSupervisedContrastive):
     def match(self, emb: StepEmbeddings, pseudo: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
         labeled = gather_with_grad(emb.labeled)
         unlabeled = gather_with_grad(self.unlabeled_for_matching(emb))
+        labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
+        if self.options.labeled_memory:
+            current, current_labels = labeled, labels
+            labeled = torch.cat([labeled, self.memory.to(labeled)]) if self.memory.numel() else labeled
+            labels = torch.cat([labels, self.memory_labels.to(labels.device)])
+            self.remember(current, current_labels)
         # The same directions on every process and at every resume: seeded by (seed, step).
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         if not self.options.class_conditional:
             return self.distance(labeled, unlabeled, generator=generator)
         copies = unlabeled.shape[0] // pseudo.shape[0] if pseudo.shape[0] else 1
-        labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
         pseudo_all = gather_with_grad(torch.where(mask, pseudo, -1).unsqueeze(1).float()).squeeze(1).long()
         pseudo_all = pseudo_all.repeat(copies)
         terms = []

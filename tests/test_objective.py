@@ -197,3 +197,23 @@ def test_linear_head_model__predicts_with_the_classifier_and_keeps_the_prototype
     assert torch.equal(linear.predict(images), logits.argmax(1)) and z.shape == (5, 128)
     with pytest.raises(ValueError, match="linear_head=True"):
         plain(images, with_logits=True)
+
+
+def test_dmssl__labeled_memory_adds_earlier_steps_detached_and_survives_a_checkpoint():
+    options = OBJECTIVES.get("dmssl").Options(labeled_memory=8)
+    objective = build_objective("dmssl", options, 3, build_distance("mmd", estimator="biased"))
+    first, second = embeddings(b=6), embeddings(b=6)
+    objective(first, 0)
+    assert objective.memory.shape == (6, 16) and not objective.memory.requires_grad
+    out = objective(second, 1)
+    # Step 1 matches its own 6 labeled embeddings plus the 6 remembered from step 0.
+    expected = build_distance("mmd", estimator="biased")(torch.cat([second.labeled, first.labeled.detach()]), second.weak)
+    assert float(out.logs["distance"]) == pytest.approx(float(expected), rel=1e-5)
+    assert objective.memory.shape == (8, 16)  # FIFO: the newest 8 of 12
+    assert torch.equal(objective.memory[-6:], second.labeled.detach())
+    restored = build_objective("dmssl", options, 3, build_distance("mmd", estimator="biased"))
+    restored.load_state_dict(objective.state_dict())
+    assert torch.equal(restored.memory, objective.memory) and torch.equal(restored.memory_labels, objective.memory_labels)
+    plain = build_objective("dmssl", None, 3, build_distance("mmd"))
+    plain(first, 0)
+    assert plain.memory.numel() == 0
