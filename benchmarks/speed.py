@@ -292,7 +292,8 @@ def precision_variants(recipe: list[str], repeats: int, variants: list[str]) -> 
             compile_seconds[name] = time.perf_counter() - start
     medians = interleaved_medians(fns, repeats, warmup=1)
     reference = medians[variants[0]]
-    return {"recipe": " ".join(recipe[:2]), "encoder": cfg.model.encoder, "unit": unit, "units_per_step": units,
+    shown = " ".join(token for token in recipe if not token.startswith("data.root="))
+    return {"recipe": shown, "encoder": cfg.model.encoder, "unit": unit, "units_per_step": units,
             "variants": {name: {"step_s": t, "speedup": reference / t, "units_per_s": units / t,
                                 "compile_s": compile_seconds.get(name)} for name, t in medians.items()}}
 
@@ -361,6 +362,10 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(head + start + "\n" + body + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
+def _short(recipe: str) -> str:
+    return " ".join(t for t in recipe.split() if not t.startswith("data.root="))
+
+
 def precision_markdown(report: dict[str, Any]) -> str:
     names = report["variants"]
     lines = [f"Measured {report['date']} on {report['machine']} (`{report['command']}`); medians of round-robin "
@@ -370,11 +375,12 @@ def precision_markdown(report: dict[str, Any]) -> str:
              "| recipe | encoder | " + " | ".join(names) + " | throughput of the fastest |",
              "|---|---|" + "---|" * (len(names) + 1)]
     for row in report["precision"]:
-        cells = [f"{row['variants'][n]['step_s']:.3f} s ({row['variants'][n]['speedup']:.2f}x)" for n in names]
+        cells = [f"{row['variants'][n]['step_s']:.3f} s ({row['variants'][n]['speedup']:.2f}x)" if n in row["variants"]
+                 else "-" for n in names]
         fastest = max(row["variants"], key=lambda n: row["variants"][n]["speedup"])
-        lines.append(f"| {row['recipe']} | {row['encoder']} | " + " | ".join(cells)
+        lines.append(f"| {_short(row['recipe'])} | {row['encoder']} | " + " | ".join(cells)
                      + f" | {row['variants'][fastest]['units_per_s']:,.0f} {row['unit']}/s ({fastest}) |")
-    compiled = [(row["recipe"], n, v["compile_s"]) for row in report["precision"] for n, v in row["variants"].items()
+    compiled = [(_short(row["recipe"]), n, v["compile_s"]) for row in report["precision"] for n, v in row["variants"].items()
                 if v["compile_s"]]
     if compiled:
         lines += ["", "Compile time (first forward + backward): " + "; ".join(
