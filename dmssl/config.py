@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +22,6 @@ class DataConfig:
 
     dataset: str = "folder"  # the adapter's source: e.g. cifar10, digits, folder, imdb, files
     root: str | None = None  # a folder or a .tar.gz; the adapter documents its layout
-    train_files: list[str] = field(default_factory=list)  # explicit files (text adapters)
-    unlabeled_files: list[str] = field(default_factory=list)  # files of unlabeled samples (optional)
-    test_files: list[str] = field(default_factory=list)  # files of the test set
-    label_pattern: str | None = None  # regex whose first group is the class, on file names
     num_labels: int | None = None  # total labeled samples, balanced over classes
     labels_per_class: int | None = None  # alternative to num_labels
     batch_size: int = 64  # labeled samples per step (per process)
@@ -55,13 +50,7 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.dev_size < 0:
             raise ConfigError(f"data.dev_size={self.dev_size} must be >= 0")
-        if self.label_pattern is not None:
-            try:
-                if re.compile(self.label_pattern).groups < 1:
-                    raise ConfigError(f"data.label_pattern={self.label_pattern!r} has no group: its first group "
-                                      r"must capture the class, e.g. '^(\d)_'")
-            except re.error as err:
-                raise ConfigError(f"data.label_pattern={self.label_pattern!r} is not a regex: {err}") from None
+
 
 
 @dataclass
@@ -69,11 +58,8 @@ class ModelConfig:
     """The encoder (built by the modality adapter) and the projection head on top of it."""
 
     encoder: str = "small_cnn"  # an encoder name the adapter knows
-    name: str | None = None  # pretrained model: a hub name or a local folder (text encoders)
     width: int | None = None  # encoder width; None = the encoder's default
     depth: int | None = None  # encoder depth; None = the encoder's default
-    pooling: Literal["mean", "cls"] = "mean"  # sequence pooling (text encoders)
-    freeze_layers: int = 0  # freeze this many lower layers of a pretrained encoder
     proj_hidden_dim: int = 128
     proj_dim: int = 128  # embedding width: where prototypes, contrast and matching live
 
@@ -82,8 +68,7 @@ class ModelConfig:
         _positive("model.depth", self.depth)
         _positive("model.proj_hidden_dim", self.proj_hidden_dim)
         _positive("model.proj_dim", self.proj_dim)
-        if self.freeze_layers < 0:
-            raise ConfigError(f"model.freeze_layers={self.freeze_layers} must be >= 0")
+
 
 
 @dataclass
@@ -114,7 +99,7 @@ MOVED_KEYS = {
     "objective.distribution_alignment": "pseudo_label.distribution_alignment",
     "objective.alignment_momentum": "pseudo_label.alignment_momentum",
     "distance.sinkhorn_iterations": "distance.iterations",
-}
+}  # an adapter adds its own (`Modality.renamed_keys`): the core names no modality's keys
 
 
 @dataclass

@@ -81,11 +81,13 @@ class Modality(ABC):
             (`{"distance": {"kernel": "imq"}}`); a recipe or an override still wins.
         encoders: the `model.encoder` names `build_encoder` accepts; a config naming another one is
             refused before any data is read. None: not checked until `build_encoder`.
+        renamed_keys: keys this adapter used to read elsewhere, old -> new (exit 2 names the new one).
     """
 
     Options: ClassVar[type | None] = None
     defaults: ClassVar[dict[str, Any]] = {}
     encoders: ClassVar[tuple[str, ...] | None] = None
+    renamed_keys: ClassVar[dict[str, str]] = {}  # old key -> new key: an old recipe stops with the new name
 
     def __init__(self, options: Any, data: DataConfig, model: ModelConfig) -> None:
         self.options = options

@@ -260,15 +260,18 @@ def method_from_dict(section: str, values: Any, explicit: set[str], valid: list[
     return MethodConfig(name=name, options=section_from_dict(cls.Options, kept, section))
 
 
-def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[str] | None = None) -> Config:
+def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[str] | None = None,
+                 renamed: dict[str, str] | None = None) -> Config:
     """Turn a merged dict (recipe + overrides + defaults) into a validated `Config`.
 
     `explicit`: the dotted keys given on the command line (stricter about keys of another method).
+    `renamed`: the adapter's old key -> new key, beside the core's `MOVED_KEYS`.
     """
     explicit = explicit or set()
+    moved = MOVED_KEYS | (renamed or {})
     for key, value in flatten_tree(tree).items():
-        if key in MOVED_KEYS:
-            raise ConfigError(f"{key} was renamed: use {MOVED_KEYS[key]}={value}")
+        if key in moved:
+            raise ConfigError(f"{key} was renamed: use {moved[key]}={value}")
     valid = all_keys(options_cls)
     known = set(SECTIONS) | set(METHOD_SECTIONS) | {"modality"} | set(TOP_LEVEL)
     for key in tree:
@@ -326,7 +329,7 @@ def resolve(tokens: list[str]) -> Config:
     modality_name = str((tree.get("modality") or {}).get("name", "image"))
     adapter_cls = load_modality(modality_name)
     tree = deep_merge(getattr(adapter_cls, "defaults", {}) or {}, tree)
-    cfg = build_config(tree, getattr(adapter_cls, "Options", None), explicit)
+    cfg = build_config(tree, getattr(adapter_cls, "Options", None), explicit, getattr(adapter_cls, "renamed_keys", None))
     encoders = getattr(adapter_cls, "encoders", None)
     if encoders and cfg.model.encoder not in encoders:
         near = difflib.get_close_matches(cfg.model.encoder, encoders, n=1)

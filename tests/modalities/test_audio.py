@@ -54,8 +54,8 @@ def make_folder(root, broken: bool = False):
 
 
 def adapter(root, **options) -> AudioModality:
-    opts = AudioOptions(test_pattern=r"_[0-1]\.wav$", **options)
-    return AudioModality(opts, DataConfig(dataset="folder", root=str(root), label_pattern=r"^(\d)_"), ModelConfig(encoder="spec_resnet"))
+    opts = AudioOptions(test_pattern=r"_[0-1]\.wav$", label_pattern=r"^(\d)_", **options)
+    return AudioModality(opts, DataConfig(dataset="folder", root=str(root)), ModelConfig(encoder="spec_resnet"))
 
 
 def test_load__labels_from_file_names_and_test_pattern(tmp_path):

