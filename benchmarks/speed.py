@@ -34,10 +34,10 @@ sys.path.insert(0, str(ROOT))
 
 from dmssl.data import StepDataset  # noqa: E402
 from dmssl.distances import build_distance  # noqa: E402
+from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
 from dmssl.objective import objective_from_config, run_objective  # noqa: E402
 from dmssl.recipe import resolve  # noqa: E402
-from dmssl.registry import load_modality  # noqa: E402
 from dmssl.trainer import build_optimizer  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -86,7 +86,7 @@ def peak_memory(fn: Callable[[], Any]) -> int:
 
 def image_batch(recipe: list[str], views: int) -> tuple[Any, Any, torch.Tensor]:
     cfg = resolve(recipe)
-    adapter = load_modality("image")(cfg.modality.options, cfg.data, cfg.model)
+    adapter = build_adapter(cfg)
     adapter.in_channels = 3
     b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
     images = torch.randint(0, 256, (b + views * u, 3, 32, 32), dtype=torch.uint8, device=DEVICE)
@@ -192,7 +192,7 @@ def distance_costs(sizes: list[int], widths: list[int], repeats: int, encoder_fb
 def recipe_step(recipe: list[str]) -> tuple[Any, Any, Any, StepDataset, tuple[str, ...]]:
     """(cfg, adapter, raw data, steps, views) of a recipe on its real data: what (c) and (d) time."""
     cfg = resolve(recipe)
-    adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
+    adapter = build_adapter(cfg)
     raw = adapter.load()
     views = ("weak", "strong", "strong")
     labeled = list(range(min(len(raw.train), 100)))

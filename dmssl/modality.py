@@ -26,15 +26,20 @@ and runs with `python train.py recipe=my.yaml modality.name=my_package.sensor:Se
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from dmssl.config import DataConfig, ModelConfig
+from dmssl.config import Config, DataConfig, ModelConfig
+from dmssl.errors import ConfigError
+from dmssl.registry import unknown_name_message
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
 
@@ -131,3 +136,51 @@ class Modality(ABC):
     @abstractmethod
     def build_encoder(self) -> nn.Module:
         """The encoder: `forward(batch) -> (B, feature_dim)`; it exposes `feature_dim: int`."""
+
+
+# ---------------------------------------------------------------- finding and building adapters
+
+ENTRY_POINT_GROUP = "dmssl.modalities"
+
+
+def modality_names() -> list[str]:
+    """Names registered in the `dmssl.modalities` entry-point group."""
+    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def load_modality(reference: str) -> type:
+    """Resolve `image` (entry point) or `pkg.module:Class` to an adapter class."""
+    if ":" in reference:
+        module_name, _, class_name = reference.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ConfigError(f"modality={reference!r}: cannot import module {module_name!r} ({err}); run from the "
+                              "folder that holds it, add that folder to PYTHONPATH, or pip install -e the package "
+                              "(which may also register a short name in the dmssl.modalities entry-point group)") from None
+        if not hasattr(module, class_name):
+            raise ConfigError(f"modality={reference!r}: module {module_name!r} has no attribute {class_name!r}")
+        adapter = getattr(module, class_name)
+    else:
+        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == reference]
+        if not matches:
+            names = modality_names()
+            raise ConfigError(
+                unknown_name_message("modality", reference, names)
+                + " (or give package.module:ClassName; is the package installed with pip install -e .?)"
+            )
+        try:
+            adapter = matches[0].load()
+        except ImportError as err:
+            raise ConfigError(f"modality {reference!r} failed to import: {err}") from None
+    if not (inspect.isclass(adapter) and issubclass(adapter, Modality)):
+        raise ConfigError(
+            f"modality={reference!r} is not an adapter: expected a subclass of dmssl.modality.Modality,"
+            f" got {adapter!r}"
+        )
+    return adapter
+
+
+def build_adapter(cfg: Config) -> Modality:
+    """The run's adapter, built from its config: the one place adapters are made."""
+    return load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)

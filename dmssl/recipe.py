@@ -316,7 +316,7 @@ def import_plugins(modules: list[str]) -> None:
 
 def resolve(tokens: list[str]) -> Config:
     """Parse `recipe=NAME key=value ...` into a Config (adapter defaults applied)."""
-    from dmssl.registry import load_modality  # late import: the registry imports adapters lazily
+    from dmssl.modality import load_modality  # late import: the adapter contract imports torch
 
     pairs = parse_overrides(tokens)
     explicit = {k for k, _ in pairs}

@@ -14,8 +14,8 @@ import re
 import typing
 
 from dmssl.config import METHOD_SECTIONS, SECTIONS, TOP_LEVEL, Config, _registries
+from dmssl.modality import load_modality, modality_names
 from dmssl.recipe import _describe
-from dmssl.registry import load_modality, modality_names
 
 HEADER = """# Configuration reference
 

@@ -1,27 +1,20 @@
-"""Name -> factory registries, and how modality adapters are found.
+"""Name -> factory registries: objectives, pseudo-labellers, distances and kernels register here.
 
 `Registry` is a dict with two manners: registering a name twice is an error (not a silent overwrite),
-and looking up an unknown name says which names exist and which one was probably meant.
-
-Modality adapters are not imported by the core. They are found, in this order, as
-1. `package.module:ClassName` (any importable class), or
-2. a name in the `dmssl.modalities` entry-point group of an installed package (this project's own
-   image, text and audio adapters are registered there in pyproject.toml).
+and looking up an unknown name says which names exist and which one was probably meant. (Modality
+adapters are found differently, by entry point or `module:Class`: see `dmssl.modality.load_modality`.)
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib
 import inspect
 from collections.abc import Callable
-from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
 from dmssl.errors import ConfigError
 
 T = TypeVar("T")
-ENTRY_POINT_GROUP = "dmssl.modalities"
 
 
 class Registry(Generic[T]):
@@ -71,43 +64,3 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
     for key in options:
         if key not in params:
             raise ConfigError(unknown_name_message(f"option of {what}", key, sorted(params)))
-
-
-def modality_names() -> list[str]:
-    """Names registered in the `dmssl.modalities` entry-point group."""
-    return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-
-
-def load_modality(reference: str) -> type:
-    """Resolve `image` (entry point) or `pkg.module:Class` to an adapter class."""
-    from dmssl.modality import Modality
-
-    if ":" in reference:
-        module_name, _, class_name = reference.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ConfigError(f"modality={reference!r}: cannot import module {module_name!r} ({err}); run from the "
-                              "folder that holds it, add that folder to PYTHONPATH, or pip install -e the package "
-                              "(which may also register a short name in the dmssl.modalities entry-point group)") from None
-        if not hasattr(module, class_name):
-            raise ConfigError(f"modality={reference!r}: module {module_name!r} has no attribute {class_name!r}")
-        adapter = getattr(module, class_name)
-    else:
-        matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == reference]
-        if not matches:
-            names = modality_names()
-            raise ConfigError(
-                unknown_name_message("modality", reference, names)
-                + " (or give package.module:ClassName; is the package installed with pip install -e .?)"
-            )
-        try:
-            adapter = matches[0].load()
-        except ImportError as err:
-            raise ConfigError(f"modality {reference!r} failed to import: {err}") from None
-    if not (inspect.isclass(adapter) and issubclass(adapter, Modality)):
-        raise ConfigError(
-            f"modality={reference!r} is not an adapter: expected a subclass of dmssl.modality.Modality,"
-            f" got {adapter!r}"
-        )
-    return adapter

@@ -36,11 +36,10 @@ from dmssl.checkpoint import load_checkpoint, load_latest_valid
 from dmssl.config import Config, TrainerConfig, config_to_dict
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
 from dmssl.errors import ConfigError, TrainingDiverged
-from dmssl.modality import RawData
+from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel
 from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import choose_precision
-from dmssl.registry import load_modality
 from dmssl.run_dir import (
     EmbeddingSnapshot,
     append_json_line,
@@ -228,7 +227,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     accelerator.print(precision.describe())
 
     # ==== data: the adapter loads, the core splits ====
-    adapter = load_modality(cfg.modality.name)(cfg.modality.options, cfg.data, cfg.model)
+    adapter = build_adapter(cfg)
     raw = adapter.load()
     check_raw_data(raw)
     data = split_run_data(raw, cfg)

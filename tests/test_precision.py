@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import dmssl.precision as precision
-import dmssl.trainer as trainer
 from dmssl.checkpoint import list_checkpoints, load_checkpoint
 from dmssl.distances import Distance
 from dmssl.model import SSLModel
@@ -69,8 +68,10 @@ class RecordingDistance(Distance):
 
 
 def test_bf16_run__losses_and_distance_stay_fp32(tmp_path, monkeypatch):
-    real_build = trainer.build_distance
-    monkeypatch.setattr(trainer, "build_distance", lambda name, **o: RecordingDistance(real_build(name, **o)))
+    import dmssl.objective as objective_module
+
+    real_build = objective_module.build_distance
+    monkeypatch.setattr(objective_module, "build_distance", lambda *a, **o: RecordingDistance(real_build(*a, **o)))
     RecordingDistance.calls = []
     summary = fit(resolve([*FAST, "trainer.max_steps=4", "trainer.mixed_precision=bf16", f"output_dir={tmp_path}"]))
     assert summary["mixed_precision"] == "bf16" and summary["precision_reason"] == "trainer.mixed_precision=bf16"

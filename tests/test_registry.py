@@ -4,9 +4,10 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-import dmssl.registry as registry
+import dmssl.modality as modality
 from dmssl.errors import ConfigError
-from dmssl.registry import Registry, load_modality
+from dmssl.modality import load_modality
+from dmssl.registry import Registry
 from examples.tabular import TabularModality
 
 
@@ -24,15 +25,15 @@ def test_load_modality__module_class_reference():
 
 
 def test_load_modality__entry_point_of_an_installed_package(monkeypatch):
-    fake = EntryPoint(name="tabular", value="examples.tabular:TabularModality", group=registry.ENTRY_POINT_GROUP)
-    monkeypatch.setattr(registry, "entry_points", lambda group: [fake] if group == registry.ENTRY_POINT_GROUP else [])
+    fake = EntryPoint(name="tabular", value="examples.tabular:TabularModality", group=modality.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(modality, "entry_points", lambda group: [fake] if group == modality.ENTRY_POINT_GROUP else [])
     assert load_modality("tabular") is TabularModality
     with pytest.raises(ConfigError, match="unknown modality 'tabulr'; did you mean 'tabular'"):
         load_modality("tabulr")
 
 
 def test_shipped_adapters_are_registered():
-    assert {"image", "text", "audio"} <= set(registry.modality_names())
+    assert {"image", "text", "audio"} <= set(modality.modality_names())
 
 
 @pytest.mark.parametrize(("reference", "message"), [
@@ -49,7 +50,7 @@ def test_core_names_no_modality():
     # The core must not special-case a modality: no adapter module is imported or named in dmssl/.
     from pathlib import Path
 
-    core = Path(registry.__file__).parent
+    core = Path(modality.__file__).parent
     for path in core.glob("*.py"):
         text = path.read_text()
         for word in ("modalities.", "ImageModality", "TextModality", "AudioModality"):
