@@ -40,10 +40,11 @@ from benchmarks.speed import (  # noqa: E402
     distance_costs,
     interleaved_medians,
     sync,
-    training_step,
+    variant_steps,
     write_section,
     wrn_step_flops,
 )
+from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.objective import objective_from_config  # noqa: E402
 from dmssl.recipe import resolve  # noqa: E402
 
@@ -62,9 +63,7 @@ def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any
         if compile_ok and objective_name == "dmssl":  # one compile (about a minute) is enough to tell
             variants["bf16+cl+compile"] = (True, True, True)
         cfg = resolve(base + [IMAGE, f"objective.name={objective_name}"])
-        from modalities.image import ImageModality
-
-        adapter = ImageModality(cfg.modality.options, cfg.data, cfg.model)
+        adapter = build_adapter(cfg)
         views = objective_from_config(cfg, 10).unlabeled_views
         b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
         size = 8 if tiny else 32
@@ -73,15 +72,7 @@ def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any
                 "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
                 "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
         images = item["inputs"].shape[0]
-        fns, compile_s = {}, {}
-        for name, (bf16, channels_last, compiled) in variants.items():
-            fns[name] = training_step(cfg, adapter, 10, item, views, bf16, channels_last, compiled)
-            if compiled:
-                start = time.perf_counter()
-                fns[name]()
-                fns[name]()
-                sync()
-                compile_s[name] = time.perf_counter() - start
+        fns, compile_s = variant_steps(cfg, adapter, 10, item, variants)
         medians = interleaved_medians(fns, repeats, warmup=2)
         for name, seconds in medians.items():
             row = {"objective": objective_name, "variant": name, "encoder": cfg.model.encoder, "images": images,

@@ -202,8 +202,8 @@ def recipe_step(recipe: list[str]) -> tuple[Any, Any, Any, StepDataset, tuple[st
     return cfg, adapter, raw, steps, views
 
 
-def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any], views: tuple[str, ...],
-                  bf16: bool = False, channels_last: bool = False, compile: bool = False) -> Callable[[], None]:
+def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any], bf16: bool = False,
+                  channels_last: bool = False, compile: bool = False) -> Callable[[], None]:
     """One optimisation step of the recipe's objective on `item`, as the trainer runs it (fresh seeded model)."""
     from accelerate.utils import send_to_device
 
@@ -243,7 +243,7 @@ def loader_vs_step(recipe: list[str], repeats: int) -> dict[str, Any]:
         t_build = median_time(lambda: steps[next(counter)], repeats, warmup=1)
     finally:
         torch.set_num_threads(threads)
-    step = training_step(cfg, adapter, raw.num_classes, steps[0], views, channels_last=cfg.trainer.channels_last)
+    step = training_step(cfg, adapter, raw.num_classes, steps[0], channels_last=cfg.trainer.channels_last)
     t_step = median_time(step, max(3, repeats // 2), warmup=1)
     samples = min(len(raw.train), 100, cfg.data.batch_size) + len(views) * cfg.data.batch_size * cfg.data.mu
     return {"recipe": " ".join(recipe[:1]), "samples_per_step": samples,
@@ -259,6 +259,22 @@ PRECISION_VARIANTS = {
     "bf16+cl": (True, True, False),
     "bf16+cl+compile": (True, True, True),
 }
+
+
+def variant_steps(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any],
+                  variants: dict[str, tuple[bool, bool, bool]]) -> tuple[dict[str, Callable[[], None]], dict[str, float]]:
+    """One training step per (bf16, channels_last, compile) variant, and the compile time of the compiled ones."""
+    fns: dict[str, Callable[[], None]] = {}
+    compile_seconds: dict[str, float] = {}
+    for name, (bf16, channels_last, compiled) in variants.items():
+        fns[name] = training_step(cfg, adapter, num_classes, item, bf16, channels_last, compiled)
+        if compiled:  # the first calls compile (forward, then backward); timed apart from the steps
+            start = time.perf_counter()
+            fns[name]()
+            fns[name]()
+            sync()
+            compile_seconds[name] = time.perf_counter() - start
+    return fns, compile_seconds
 
 
 def step_units(item: dict[str, Any], cfg: Any) -> tuple[float, str]:
@@ -279,17 +295,8 @@ def precision_variants(recipe: list[str], repeats: int, variants: list[str]) -> 
     cfg, adapter, raw, steps, views = recipe_step(recipe)
     item = steps[0]
     units, unit = step_units(item, cfg)
-    fns: dict[str, Callable[[], Any]] = {}
-    compile_seconds: dict[str, float] = {}
-    for name in variants:
-        bf16, channels_last, compiled = PRECISION_VARIANTS[name]
-        fns[name] = training_step(cfg, adapter, raw.num_classes, item, views, bf16, channels_last, compiled)
-        if compiled:  # the first calls compile (forward, then backward); timed apart from the steps
-            start = time.perf_counter()
-            fns[name]()
-            fns[name]()
-            sync()
-            compile_seconds[name] = time.perf_counter() - start
+    fns, compile_seconds = variant_steps(cfg, adapter, raw.num_classes, item,
+                                         {name: PRECISION_VARIANTS[name] for name in variants})
     medians = interleaved_medians(fns, repeats, warmup=1)
     reference = medians[variants[0]]
     shown = " ".join(token for token in recipe if not token.startswith("data.root="))

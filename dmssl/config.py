@@ -83,7 +83,7 @@ class MethodConfig:
     options: Any = None
 
 
-def _registries() -> dict[str, tuple[Any, str]]:
+def method_registries() -> dict[str, tuple[Any, str]]:
     """section -> (registry, default name). Imported late: the method modules import torch."""
     from dmssl.distances import DISTANCES
     from dmssl.objective import OBJECTIVES
@@ -213,6 +213,17 @@ def check_finite(tree: Any, prefix: str = "") -> None:
     elif isinstance(tree, list):
         for i, item in enumerate(tree):
             check_finite(item, f"{prefix}[{i}]")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: the dotted keys of a config tree."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def config_to_dict(cfg: Config) -> dict[str, Any]:

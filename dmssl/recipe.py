@@ -27,8 +27,9 @@ from dmssl.config import (
     Config,
     MethodConfig,
     ModalityConfig,
-    _registries,
+    method_registries,
     check_finite,
+    flatten,
 )
 from dmssl.errors import ConfigError
 
@@ -211,7 +212,7 @@ def unknown_key(key: str, valid: list[str]) -> ConfigError:
 
 def method_keys(section: str) -> dict[str, list[str]]:
     """name -> the option keys of that registered method, for one method section."""
-    registry, _ = _registries()[section]
+    registry, _ = method_registries()[section]
     return {name: [f.name for f in dataclasses.fields(registry.get(name).Options)] for name in registry.names()}
 
 
@@ -236,7 +237,7 @@ def method_from_dict(section: str, values: Any, explicit: set[str], valid: list[
     """
     if not isinstance(values, dict):
         raise ConfigError(f"{section} must be a section (a mapping), got {values!r}")
-    registry, default = _registries()[section]
+    registry, default = method_registries()[section]
     values = dict(values)
     name = coerce(values.pop("name", default), str, f"{section}.name")
     try:
@@ -269,7 +270,7 @@ def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[s
     """
     explicit = explicit or set()
     moved = MOVED_KEYS | (renamed or {})
-    for key, value in flatten_tree(tree).items():
+    for key, value in flatten(tree).items():
         if key in moved:
             raise ConfigError(f"{key} was renamed: use {moved[key]}={value}")
     valid = all_keys(options_cls)
@@ -291,16 +292,6 @@ def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[s
     check_finite(options, "modality.")
     cfg.validate()
     return cfg
-
-
-def flatten_tree(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten_tree(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def import_plugins(modules: list[str]) -> None:

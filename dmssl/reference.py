@@ -13,7 +13,7 @@ import inspect
 import re
 import typing
 
-from dmssl.config import METHOD_SECTIONS, SECTIONS, TOP_LEVEL, Config, _registries
+from dmssl.config import METHOD_SECTIONS, SECTIONS, TOP_LEVEL, Config, method_registries
 from dmssl.modality import load_modality, modality_names
 from dmssl.recipe import _describe
 
@@ -79,7 +79,7 @@ def generate(builtin_only: bool = False) -> str:
         doc = (cls.__doc__ or "").strip().splitlines()[0]
         parts.append(f"## `{name}`\n\n{doc}\n\n{table(cls, name + '.')}\n")
     for section in METHOD_SECTIONS:
-        registry, default = _registries()[section]
+        registry, default = method_registries()[section]
         names = [n for n in registry.names()
                  if not builtin_only or registry.get(n).__module__.startswith("dmssl.")]
         parts.append(f"## `{section}`\n\n`{section}.name` (default `{default}`) picks one of: "

@@ -21,7 +21,7 @@ import yaml
 from accelerate.utils import send_to_device
 
 from dmssl.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
-from dmssl.config import Config, config_to_dict
+from dmssl.config import Config, config_to_dict, flatten
 from dmssl.data import seeded_subset
 from dmssl.errors import CheckpointError
 from dmssl.model import SSLModel
@@ -32,16 +32,6 @@ RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_e
                      "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.progress_bar",
                      "trainer.log_with", "trainer.save_embeddings", "data.num_workers", "data.eval_batch_size", "data.cache_dir",
                      "output_dir", "resume", "overwrite"}
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def run_identity(cfg: Config) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dmssl.checkpoint import load_checkpoint, load_latest_valid
-from dmssl.config import Config, TrainerConfig, config_to_dict
+from dmssl.config import Config, TrainerConfig, config_to_dict, flatten
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
 from dmssl.errors import ConfigError, TrainingDiverged
 from dmssl.modality import RawData, build_adapter
@@ -44,7 +44,6 @@ from dmssl.run_dir import (
     EmbeddingSnapshot,
     append_json_line,
     check_run_dir,
-    flatten,
     keep_metric_lines_up_to,
     save_train_state,
     write_run_dir,
