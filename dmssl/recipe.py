@@ -27,9 +27,9 @@ from dmssl.config import (
     Config,
     MethodConfig,
     ModalityConfig,
-    method_registries,
     check_finite,
     flatten,
+    method_registries,
 )
 from dmssl.errors import ConfigError
 
