@@ -1,4 +1,5 @@
-"""Command line: `python train.py recipe=NAME [key=value ...]` (also under `accelerate launch`).
+"""Command line: `python train.py recipe=NAME [key=value ...]` (also under `accelerate launch`), and the
+installed `dmssl` command: `dmssl train|predict|export|plot ...` from any folder.
 
 User mistakes (dmssl.errors.UserError) print one line and exit with code 2 (3 for a diverged loss);
 anything else is a bug and keeps its traceback.
@@ -51,3 +52,40 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+COMMANDS = {
+    "train": "train a model: dmssl train recipe=NAME [key=value ...]",
+    "predict": "classify files with a trained model: dmssl predict RUN_DIR INPUT... [--output F]",
+    "export": "write a self-describing model folder: dmssl export RUN_DIR OUT_DIR",
+    "plot": "figures of finished runs (and their confusion matrix): dmssl plot RUN_DIR ...",
+}
+
+
+def console(argv: list[str] | None = None) -> int:
+    """The `dmssl` command (an entry point of the installed package; `python -m dmssl` is the same)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print("usage: dmssl COMMAND ...\n\n" + "\n".join(f"  {name:8} {text}" for name, text in COMMANDS.items()))
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "train":
+        return main(rest)
+    if command == "predict":
+        from dmssl.predict import main as predict
+
+        return predict(rest)
+    if command == "export":
+        from dmssl.export import main as export
+
+        return export(rest)
+    if command == "plot":
+        from dmssl.plot import main as plot
+
+        return plot(rest)
+    import difflib
+
+    near = difflib.get_close_matches(command, COMMANDS, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    print(f"error: unknown command {command!r}{hint} Allowed: {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2

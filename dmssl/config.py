@@ -32,6 +32,12 @@ class DataConfig:
     dev_size: int = 0  # labeled training samples held out (never trained on) to choose settings on; 0: none
     max_unlabeled: int | None = None  # cap on the unlabeled pool (seeded subset)
     cache_dir: str | None = None  # decoded-data cache; default ~/.cache/dmssl
+    # data.dataset=hf (any modality; dmssl/hf_data.py): a hub name, or data.root = save_to_disk / Parquet / Arrow
+    hub_name: str | None = None  # e.g. imdb, cifar10 (where the hub is reachable)
+    hub_config: str | None = None  # the data set's configuration name, where it has several
+    train_split: str = "train"
+    test_split: str = "test"
+    unlabeled_split: str | None = None  # a split of unlabeled rows, e.g. IMDB's "unsupervised"
 
     def validate(self) -> None:
         if self.num_labels is not None and self.labels_per_class is not None:

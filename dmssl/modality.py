@@ -19,6 +19,9 @@ A new modality is one file:
         def collate(self, views): ...   -> Tensor or dict of Tensors, batch first
         def build_encoder(self): ...    -> nn.Module with `feature_dim`, (batch) -> (B, feature_dim)
         # optional: weak_views(samples) / strong_views(samples), vectorised views of many samples
+        # optional, for predicting with a trained model: samples_from(values), read_inputs(path),
+        #   inference_state() / restore_inference_state(state), export_encoder(encoder, folder),
+        #   use_exported_encoder(folder)
 
 and runs with `python train.py recipe=my.yaml modality.name=my_package.sensor:SensorModality`.
 `dmssl.testing.check_adapter` tells an author what their adapter gets wrong.
@@ -32,13 +35,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from dmssl.config import Config, DataConfig, ModelConfig
-from dmssl.errors import ConfigError
+from dmssl.errors import ConfigError, DataError
 from dmssl.registry import unknown_name_message
 
 Batch = torch.Tensor | dict[str, torch.Tensor]
@@ -93,6 +97,7 @@ class Modality(ABC):
     defaults: ClassVar[dict[str, Any]] = {}
     encoders: ClassVar[tuple[str, ...] | None] = None
     renamed_keys: ClassVar[dict[str, str]] = {}  # old key -> new key: an old recipe stops with the new name
+    input_suffixes: ClassVar[tuple[str, ...]] = ()  # files `read_inputs` takes when a folder is given to predict
 
     def __init__(self, options: Any, data: DataConfig, model: ModelConfig) -> None:
         self.options = options
@@ -136,6 +141,42 @@ class Modality(ABC):
     @abstractmethod
     def build_encoder(self) -> nn.Module:
         """The encoder: `forward(batch) -> (B, feature_dim)`; it exposes `feature_dim: int`."""
+
+    # ---------------------------------------------------------------- using a trained model
+
+    def inference_state(self) -> dict[str, Any]:
+        """What `load` learned that `build_encoder`, `test_view` or `samples_from` need (JSON-ready, e.g. the
+        number of image channels). It is saved beside the weights, so that a trained model classifies new
+        samples without reading its training data again."""
+        return {}
+
+    def restore_inference_state(self, state: dict[str, Any]) -> None:
+        """Undo `inference_state`: called instead of `load` when a trained model is loaded."""
+
+    def samples_from(self, values: Sequence[Any]) -> list[Any]:
+        """Samples from the raw values a user hands to `Classifier.predict` (arrays, strings, waveforms).
+
+        The default takes them as samples already. Raise `DataError` naming what is wrong with a value.
+        """
+        return list(values)
+
+    def read_inputs(self, path: Path) -> list[Any]:
+        """The samples in one input file of `dmssl predict` (an image, a text file of lines, an audio clip).
+
+        Raise `DataError` for an unreadable or empty file; adapters that read no files keep this default.
+        """
+        raise DataError(f"{path}: modality {type(self).__name__} reads no input files (it defines no read_inputs)")
+
+    def export_encoder(self, encoder: nn.Module, folder: Path) -> bool:
+        """Write the encoder in its own ecosystem's format into `folder` (text: `save_pretrained`); True if written.
+
+        An export holds the weights as safetensors either way; this is for tools outside dmssl.
+        """
+        return False
+
+    def use_exported_encoder(self, folder: Path) -> None:
+        """Loading an export that holds `folder` (written by `export_encoder`): build the encoder from it, so
+        that the export needs nothing else (text: the tokenizer and architecture come from the folder)."""
 
 
 # ---------------------------------------------------------------- finding and building adapters

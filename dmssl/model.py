@@ -45,6 +45,14 @@ class SSLModel(nn.Module):
             raise ValueError("with_logits=True needs a model built with linear_head=True")
         return z, self.classifier(features).float()
 
+    def class_logits(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(embeddings z, (B, K) logits): the linear classifier's where there is one, else z . p / temperature,
+        the prototype logits the objectives train (their softmax is the model's class probability)."""
+        if self.classifier is not None:
+            return self.forward(batch, with_logits=True)
+        z = self.forward(batch)
+        return z, z @ self.prototypes.T / temperature
+
     @torch.no_grad()
     def predict(self, batch: Batch) -> torch.Tensor:
         """batch -> (B,) class indices: the linear classifier's where there is one, else the nearest prototype."""

@@ -4,6 +4,7 @@ Writes into each RUN_DIR/plots/:
     curves.png      test accuracy (EMA), mask rate and pseudo-label accuracy over steps
     distance.png    the distribution-matching distance (and the loss terms) over steps
     embeddings.png  a 2-D projection of labeled vs unlabeled embeddings at the start and the end
+    confusion.png   the test confusion matrix (row-normalised: each row is one true class), with counts
 With several run folders, also `--compare OUT.png`: their end-of-run embeddings side by side (e.g. with
 and without matching). The projection is PCA, or t-SNE with `--tsne` (scikit-learn).
 """
@@ -81,6 +82,10 @@ def plot_run(run_dir: Path, tsne: bool = False) -> list[Path]:
         written.append(out / "distance.png")
         plt.close(fig)
 
+    if (run_dir / "confusion_matrix.json").is_file():
+        written.append(plot_confusion(json.loads((run_dir / "confusion_matrix.json").read_text()), out / "confusion.png",
+                                      title))
+
     snapshots = sorted((run_dir / "embeddings").glob("step_*.npz"))
     if len(snapshots) >= 2:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
@@ -93,6 +98,33 @@ def plot_run(run_dir: Path, tsne: bool = False) -> list[Path]:
         written.append(out / "embeddings.png")
         plt.close(fig)
     return written
+
+
+def plot_confusion(confusion: dict[str, Any], path: Path, title: str) -> Path:
+    """Row-normalised confusion matrix as a heat map; cells carry their counts."""
+    import matplotlib.pyplot as plt
+
+    counts = np.asarray(confusion["matrix"], dtype=float)
+    names = confusion.get("class_names") or [str(k) for k in range(len(counts))]
+    rates = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(12.0, 2.5 + 0.5 * len(names))
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    if len(names) <= 30:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if counts[i, j]:
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7,
+                            color="white" if rates[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(names)), yticks=range(len(names)), xlabel="predicted class", ylabel="true class",
+           title=f"{title}\naccuracy {confusion['accuracy']:.3f}, macro-F1 {confusion['macro_f1']:.3f}")
+    ax.set_xticklabels(names, rotation=90 if max(map(len, names)) > 3 else 0, fontsize=8)
+    ax.set_yticklabels(names, fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def draw_embeddings(ax: Any, path: Path, tsne: bool, title: str) -> None:
@@ -133,7 +165,7 @@ def compare(run_dirs: list[Path], out: Path, tsne: bool = False) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dmssl.plot", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="dmssl plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--tsne", action="store_true", help="t-SNE instead of PCA for the embedding plots")
     parser.add_argument("--compare", type=Path, help="also write the runs' final embeddings side by side here")

@@ -33,7 +33,9 @@ from dmssl.config import (
 )
 from dmssl.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# An installed package carries the recipes inside dmssl/ (package data); a checkout keeps them at its top.
+_INSTALLED_RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES_DIR = _INSTALLED_RECIPES if _INSTALLED_RECIPES.is_dir() else Path(__file__).resolve().parent.parent / "recipes"
 
 
 # ---------------------------------------------------------------- recipes and overrides
@@ -305,13 +307,28 @@ def import_plugins(modules: list[str]) -> None:
                               "(pip install -e your package)?") from None
 
 
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    """A run's saved config.yaml (a resolved config, as `config_to_dict` wrote it) back into a `Config`."""
+    from dmssl.modality import load_modality
+
+    tree = dict(tree, resume="never", overwrite=False)  # reading a run, not continuing it
+    import_plugins(coerce(tree.get("plugins", []), list[str], "plugins"))
+    adapter_cls = load_modality(str((tree.get("modality") or {}).get("name", "image")))
+    return build_config(tree, getattr(adapter_cls, "Options", None), None, getattr(adapter_cls, "renamed_keys", None))
+
+
 def resolve(tokens: list[str]) -> Config:
     """Parse `recipe=NAME key=value ...` into a Config (adapter defaults applied)."""
+    return resolve_pairs(parse_overrides(tokens))
+
+
+def resolve_pairs(pairs: list[tuple[str, Any]]) -> Config:
+    """(dotted key, value) pairs, `recipe` among them, into a Config. Values are strings from a command line,
+    or Python values from `dmssl.fit`; both go through the same coercion and checks."""
     from dmssl.modality import load_modality  # late import: the adapter contract imports torch
 
-    pairs = parse_overrides(tokens)
     explicit = {k for k, _ in pairs}
-    recipes = [v for k, v in pairs if k == "recipe"]
+    recipes = [str(v) for k, v in pairs if k == "recipe"]
     tree: dict[str, Any] = load_recipe(recipes[-1]) if recipes else {"recipe": "custom"}
     for key, value in pairs:
         if key != "recipe":

@@ -1,10 +1,12 @@
 """The run folder: what makes a run itself, the folder's checks, its JSON-line logs and embedding snapshots.
 
     RUN_DIR/config.yaml       the resolved config (a resumed run must match it, up to RESUMABLE_CHANGES)
+    RUN_DIR/model.json        class names and the adapter's inference state (dmssl.load reads it)
     RUN_DIR/metrics.jsonl     one line per evaluation (dev and test accuracy, the last training averages)
     RUN_DIR/train.jsonl       one line per log interval
     RUN_DIR/checkpoints/      step_XXXXXXXX.pt, written atomically (dmssl/checkpoint.py)
     RUN_DIR/embeddings/       a fixed sample's embeddings at the start and the end, for plots
+    RUN_DIR/confusion_matrix.json  test counts per (true, predicted) class with the derived metrics
     RUN_DIR/summary.json      written last
 """
 
@@ -67,7 +69,8 @@ def check_run_dir(cfg: Config) -> Path:
 def write_run_dir(cfg: Config, run_dir: Path) -> None:
     """Create the folder (clearing an overwritten run's results) and save the resolved config (main process)."""
     if cfg.overwrite and run_dir.exists():
-        for name in ("checkpoints", "metrics.jsonl", "train.jsonl", "summary.json", "embeddings", "plots"):
+        for name in ("checkpoints", "metrics.jsonl", "train.jsonl", "summary.json", "embeddings", "plots",
+                     "confusion_matrix.json", "model.json"):
             target = run_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)

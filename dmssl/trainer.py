@@ -33,9 +33,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from dmssl.checkpoint import load_checkpoint, load_latest_valid
+from dmssl.classifier import write_model_description
 from dmssl.config import Config, TrainerConfig, config_to_dict, flatten
 from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
 from dmssl.errors import ConfigError, TrainingDiverged
+from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel
 from dmssl.objective import objective_from_config, run_objective
@@ -110,20 +112,19 @@ def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimiz
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator) -> tuple[float, int]:
-    """(top-1 accuracy, samples counted) of nearest-prototype predictions over the whole test set.
+def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num_classes: int) -> ClassificationReport:
+    """The confusion matrix (and what follows from it) of the model's predictions over a whole split.
 
     `gather_for_metrics` drops the samples a distributed sampler repeats to even out the last batch.
     """
     model.eval()
-    correct = total = 0
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for batch in loader:
         with accelerator.autocast():
             predictions = model.predict(batch["inputs"])
         predictions, labels = accelerator.gather_for_metrics((predictions, batch["labels"]))
-        correct += int((predictions == labels).sum())
-        total += labels.numel()
-    return correct / max(total, 1), total
+        matrix += confusion_matrix(labels.cpu(), predictions.cpu(), num_classes)
+    return ClassificationReport(matrix)
 
 
 class StopRequest:
@@ -161,7 +162,11 @@ class RunData:
     pool: list[tuple[Any, int]]  # (sample, true label or -1): the true label only feeds diagnostics
     test: list[Any]
     test_labels: list[int]
-    num_classes: int
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def split_run_data(raw: RawData, cfg: Config) -> RunData:
@@ -178,11 +183,11 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
                    labeled_indices=labeled_idx, dev=[raw.train[i] for i in dev_idx],
                    dev_labels=[raw.train_labels[i] for i in dev_idx], pool=pool,
                    test=[raw.test[i] for i in test_idx], test_labels=[raw.test_labels[i] for i in test_idx],
-                   num_classes=raw.num_classes)
+                   class_names=list(raw.class_names))
 
 
 class Evaluator:
-    """Test (and, with data.dev_size, dev) accuracy of the EMA model; the last values stay readable."""
+    """Test (and, with data.dev_size, dev) metrics of the EMA model; the last reports stay readable."""
 
     def __init__(self, adapter: Any, data: RunData, cfg: Config, accelerator: Accelerator) -> None:
         def loader(samples: list, labels: list[int]) -> DataLoader:
@@ -190,18 +195,38 @@ class Evaluator:
                 EvalDataset(adapter, samples, labels), batch_size=cfg.data.eval_batch_size, collate_fn=EvalCollate(adapter),
                 num_workers=min(cfg.data.num_workers, 2), generator=torch.Generator().manual_seed(cfg.seed)))
 
-        self.accelerator = accelerator
+        self.accelerator, self.num_classes = accelerator, data.num_classes
         self.test_loader = loader(data.test, data.test_labels)
         self.dev_loader = loader(data.dev, data.dev_labels) if data.dev else None
-        self.test_accuracy = self.dev_accuracy = float("nan")
-        self.evaluated = 0
+        self.test_report: ClassificationReport | None = None
+        self.dev_report: ClassificationReport | None = None
 
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        self.test_accuracy, self.evaluated = evaluate(model, self.test_loader, self.accelerator)
+    @property
+    def test_accuracy(self) -> float:
+        return self.test_report.accuracy if self.test_report else float("nan")
+
+    @property
+    def test_macro_f1(self) -> float:
+        return self.test_report.macro_f1 if self.test_report else float("nan")
+
+    @property
+    def dev_accuracy(self) -> float:
+        return self.dev_report.accuracy if self.dev_report else float("nan")
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        """Evaluate; the figures one metrics.jsonl line holds (per-class accuracy of absent classes is None)."""
+        self.test_report = evaluate(model, self.test_loader, self.accelerator, self.num_classes)
+        figures = {"test_accuracy": self.test_report.accuracy, "test_macro_f1": self.test_report.macro_f1,
+                   "test_per_class_accuracy": json_floats(self.test_report.per_class_accuracy)}
         if self.dev_loader is not None:
-            self.dev_accuracy, _ = evaluate(model, self.dev_loader, self.accelerator)
-            return {"test_accuracy": self.test_accuracy, "dev_accuracy": self.dev_accuracy}
-        return {"test_accuracy": self.test_accuracy}
+            self.dev_report = evaluate(model, self.dev_loader, self.accelerator, self.num_classes)
+            figures |= {"dev_accuracy": self.dev_report.accuracy, "dev_macro_f1": self.dev_report.macro_f1}
+        return figures
+
+
+def json_floats(values: list[float]) -> list[float | None]:
+    """NaN (undefined) as None, which JSON can hold."""
+    return [None if math.isnan(v) else round(v, 6) for v in values]
 
 
 def fit(cfg: Config) -> dict[str, Any]:
@@ -230,6 +255,9 @@ def fit(cfg: Config) -> dict[str, Any]:
     raw = adapter.load()
     check_raw_data(raw)
     data = split_run_data(raw, cfg)
+
+    if accelerator.is_main_process:  # what predicting with the trained model needs besides weights and config
+        write_model_description(run_dir, data.class_names, adapter)
 
     # ==== model, objective, optimiser: the training state ====
     objective = objective_from_config(cfg, data.num_classes)
@@ -316,8 +344,8 @@ def fit(cfg: Config) -> dict[str, Any]:
                 if cfg.trainer.log_with != "none":
                     accelerator.log({f"train/{k}": v for k, v in averages.items() if v is not None} | {"train/lr": lr},
                                     step=step)
-                progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}",
-                                     acc=f"{evaluator.test_accuracy:.3f}", mask=f"{averages.get('mask_rate') or 0.0:.2f}")
+                progress.set_postfix(loss=f"{averages.get('loss') or float('nan'):.3f}", acc=f"{evaluator.test_accuracy:.3f}",
+                                     f1=f"{evaluator.test_macro_f1:.3f}", mask=f"{averages.get('mask_rate') or 0.0:.2f}")
                 last_train_logs = averages
                 if accelerator.is_main_process:
                     append_json_line(train_log, {"step": step, "lr": lr, **averages})
@@ -346,7 +374,11 @@ def fit(cfg: Config) -> dict[str, Any]:
         raise KeyboardInterrupt
     summary = {
         "test_accuracy": evaluator.test_accuracy,
+        "test_macro_f1": evaluator.test_macro_f1,
+        "test_per_class_accuracy": json_floats(evaluator.test_report.per_class_accuracy),
+        "class_names": data.class_names,
         "dev_accuracy": evaluator.dev_accuracy if evaluator.dev_loader is not None else None,
+        "dev_macro_f1": evaluator.dev_report.macro_f1 if evaluator.dev_report is not None else None,
         "steps": state.step,
         "wall_seconds": round(time.monotonic() - started + elapsed_before, 2),
         "train_seconds": round(elapsed_before + loop_seconds, 2),
@@ -361,7 +393,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         "num_unlabeled": len(data.pool),
         "num_dev": len(data.dev),
         "num_test": len(data.test),
-        "num_test_evaluated": evaluator.evaluated,
+        "num_test_evaluated": evaluator.test_report.total,
         "seed": cfg.seed,
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
@@ -372,16 +404,24 @@ def fit(cfg: Config) -> dict[str, Any]:
         "compiled": cfg.trainer.compile,
         "data_wait_share": round(data_wait / max(loop_seconds, 1e-9), 4),
         "resumed_from": str(resumed_from) if resumed_from else None,
+        "run_dir": str(run_dir),
     }
     if accelerator.is_main_process:
         if cfg.trainer.save_embeddings:
             snapshot.save(state.ema.module, accelerator.device, run_dir / "embeddings" / f"step_{state.step:08d}.npz")
+        confusion = {"split": "test", "step": state.step, **evaluator.test_report.to_dict(data.class_names)}
+        confusion["per_class_accuracy"] = json_floats(confusion["per_class_accuracy"])
+        (run_dir / "confusion_matrix.json").write_text(json.dumps(confusion) + "\n", encoding="utf-8")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     # end_training destroys the process group: no process tears it down while the main one still writes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
     dev = f"dev_accuracy={summary['dev_accuracy']:.4f} " if summary["dev_accuracy"] is not None else ""
-    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} steps={state.step} "
+    per_class = [(a, n) for a, n in zip(evaluator.test_report.per_class_accuracy, data.class_names, strict=True)
+                 if not math.isnan(a)]
+    worst = f"worst_class={min(per_class)[1]}:{min(per_class)[0]:.3f} " if per_class else ""
+    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} test_macro_f1={summary['test_macro_f1']:.4f} "
+                      f"{worst}steps={state.step} "
                       f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
     return summary
 

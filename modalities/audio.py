@@ -59,6 +59,8 @@ class AudioOptions:
     snr_db: list[float] | None = None  # strong: noise SNR range in dB; default [10, 30]
     time_mask_fraction: float = 0.15  # strong: longest time mask, as a fraction of the clip
     freq_mask_fraction: float = 0.15  # strong: widest frequency mask, as a fraction of the band
+    audio_column: str = "audio"  # data.dataset=hf: the column of clips (a datasets.Audio feature, or bytes/paths)
+    label_column: str = "label"  # data.dataset=hf: the column of class labels
 
     def validate(self) -> None:
         if self.sample_rate < 1000:
@@ -97,6 +99,8 @@ class AudioModality(Modality):
     defaults = {"model": {"encoder": "spec_resnet"},
                 "distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
 
+    input_suffixes = AUDIO_SUFFIXES
+
     def __init__(self, options: AudioOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or AudioOptions(), data, model)
         self.mix_bank: torch.Tensor | None = None
@@ -110,16 +114,43 @@ class AudioModality(Modality):
     def load(self) -> RawData:
         if self.data.dataset == "speechcommands":
             raw = load_speech_commands(self.data.root, self.data.cache_dir, self.options.sample_rate, self.num_samples)
+        elif self.data.dataset == "hf":
+            raw = load_hf_audio(self.data, self.options, self.num_samples)
         elif self.data.dataset == "folder":
             if not self.data.root:
                 raise DataError("data.dataset=folder needs data.root: a folder or .tar.gz of audio files")
             raw = load_audio_folder(Path(self.data.root), self.options, self.options.label_pattern, self.num_samples)
         else:
-            raise ConfigError(f"data.dataset={self.data.dataset!r} is not an audio source; allowed: folder, speechcommands")
+            raise ConfigError(f"data.dataset={self.data.dataset!r} is not an audio source; allowed: folder, speechcommands, hf")
         # A fixed, seeded bank of training clips for the strong view's mixing (workers inherit it).
         bank = torch.randperm(len(raw.train), generator=torch.Generator().manual_seed(0))[:256]
         self.mix_bank = torch.stack([raw.train[int(i)] for i in bank])
         return raw
+
+    # ---------------------------------------------------------------- new samples for a trained model
+
+    def samples_from(self, values: Any) -> list[torch.Tensor]:
+        """Waveforms at `sample_rate`: 1-D arrays or tensors, or (channels, frames) averaged to mono; each
+        cropped or zero-padded to `clip_seconds`, as the training clips were."""
+        samples = []
+        for i, value in enumerate(values):
+            wave = torch.as_tensor(value).float()
+            if wave.ndim == 2:
+                wave = wave.mean(dim=0 if wave.shape[0] <= wave.shape[1] else 1)
+            if wave.ndim != 1 or wave.numel() == 0 or not torch.isfinite(wave).all():
+                raise DataError(f"sample {i}: a waveform must be a non-empty, finite 1-D (or channels x frames) array; "
+                                f"got shape {tuple(wave.shape)}")
+            samples.append(fit_length(wave, self.num_samples))
+        return samples
+
+    def read_inputs(self, path: Path) -> list[torch.Tensor]:
+        try:
+            wave = decode_audio(path.read_bytes(), self.options.sample_rate)
+        except Exception as err:  # soundfile raises several types for broken files
+            raise DataError(f"{path} is not a readable audio file ({type(err).__name__}: {err})") from None
+        if wave.numel() == 0:
+            raise DataError(f"{path} holds no audio")
+        return self.samples_from([wave])
 
     # ---------------------------------------------------------------- views
 
@@ -266,6 +297,34 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
         raise DataError(f"the split of {root} left {len(train)} training and {len(test)} test files; check modality.test_pattern")
     return RawData(train=[w for w, _ in train], train_labels=[y for _, y in train], test=[w for w, _ in test],
                    test_labels=[y for _, y in test], class_names=classes)
+
+
+def load_hf_audio(data: Any, opts: AudioOptions, length: int) -> RawData:
+    """data.dataset=hf: the audio column as encoded bytes (datasets.Audio(decode=False)), decoded with soundfile
+    and resampled here, so no extra decoding backend is needed."""
+    import datasets
+
+    from dmssl.hf_data import hf_columns
+
+    columns = hf_columns(data, opts.audio_column, opts.label_column, datasets.Audio(decode=False))
+
+    def decode(values: list[Any], split: str) -> list[torch.Tensor]:
+        waves = []
+        for i, value in enumerate(values):
+            encoded = value.get("bytes") if isinstance(value, dict) else None
+            if encoded is None and isinstance(value, dict) and value.get("path"):
+                encoded = Path(value["path"]).read_bytes()
+            if encoded is None:
+                raise DataError(f"{split} row {i}: column {opts.audio_column!r} holds no audio")
+            try:
+                waves.append(fit_length(decode_audio(encoded, opts.sample_rate), length))
+            except Exception as err:  # soundfile raises several types for broken files
+                raise DataError(f"{split} row {i}: the audio cannot be decoded ({type(err).__name__})") from None
+        return waves
+
+    return RawData(train=decode(columns.train, "train"), train_labels=columns.train_labels,
+                   test=decode(columns.test, "test"), test_labels=columns.test_labels, class_names=columns.class_names,
+                   unlabeled=decode(columns.unlabeled, "unlabeled"))
 
 
 def load_speech_commands(root: str | None, cache_dir: str | None, sample_rate: int, length: int) -> RawData:

@@ -46,6 +46,8 @@ class ImageOptions:
     randaugment_ops: int = 2
     randaugment_magnitude: int = 9  # torchvision's scale, 0-30
     cutout_fraction: float = 0.5  # side of the Cutout square as a fraction of the image size
+    image_column: str = "image"  # data.dataset=hf: the column of images (a datasets.Image feature, or bytes/paths)
+    label_column: str = "label"  # data.dataset=hf: the column of class labels
 
     def validate(self) -> None:
         if self.image_size is not None and self.image_size < 4:
@@ -66,9 +68,12 @@ class ImageModality(Modality):
     # Unit-norm 128-d embeddings: a multi-bandwidth Gaussian around the median distance.
     defaults = {"distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
 
+    input_suffixes = IMAGE_SUFFIXES
+
     def __init__(self, options: ImageOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or ImageOptions(), data, model)
         self.in_channels = 3
+        self.image_shape: tuple[int, int] | None = None  # (H, W) of the training images, once loaded
 
     # ---------------------------------------------------------------- data
 
@@ -76,6 +81,8 @@ class ImageModality(Modality):
         source = self.data.dataset
         if source == "digits":
             raw = load_digits(seed=0)
+        elif source == "hf":
+            raw = load_hf_images(self.data, self.options)
         elif source in ("cifar10", "cifar100", "folder"):
             if self.data.root:
                 raw = load_image_folder(Path(self.data.root), self.options.image_size, self.data.cache_dir)
@@ -84,10 +91,70 @@ class ImageModality(Modality):
             else:
                 raw = load_torchvision_cifar(source, self.data.cache_dir)
         else:
-            raise ConfigError(f"data.dataset={source!r} is not an image source; allowed: cifar10, cifar100, folder, digits")
+            raise ConfigError(f"data.dataset={source!r} is not an image source; allowed: cifar10, cifar100, folder, digits, hf")
         first = raw.train[0]
         self.in_channels = int(first.shape[0])
+        self.image_shape = (int(first.shape[1]), int(first.shape[2]))
         return raw
+
+    # ---------------------------------------------------------------- new samples for a trained model
+
+    def inference_state(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "image_shape": list(self.image_shape) if self.image_shape else None}
+
+    def restore_inference_state(self, state: dict[str, Any]) -> None:
+        self.in_channels = int(state.get("in_channels", 3))
+        shape = state.get("image_shape")
+        self.image_shape = (int(shape[0]), int(shape[1])) if shape else None
+
+    def samples_from(self, values: Sequence[Any]) -> list[torch.Tensor]:
+        """Arrays or tensors, (H, W), (H, W, C) or (C, H, W); uint8 0-255 or float in [0, 1]; PIL images.
+
+        Converted to the model's channels (grey <-> RGB, alpha dropped) and resized to its training size.
+        """
+        return [self.to_model_input(value, f"sample {i}") for i, value in enumerate(values)]
+
+    def read_inputs(self, path: Path) -> list[torch.Tensor]:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                image.load()
+                array = np.asarray(image.convert("RGBA" if image.mode in ("RGBA", "LA", "P") else
+                                                 "L" if image.mode in ("L", "1", "I;16", "I", "F") else "RGB"))
+        except Exception as err:  # PIL raises many types for broken or non-image files
+            raise DataError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+        return [self.to_model_input(array, str(path))]
+
+    def to_model_input(self, value: Any, name: str) -> torch.Tensor:
+        if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
+            value = np.asarray(value.convert("RGB"))
+        tensor = torch.from_numpy(np.array(value)) if not isinstance(value, torch.Tensor) else value
+        if tensor.ndim == 2:
+            tensor = tensor[None]
+        elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
+            tensor = tensor.permute(2, 0, 1)
+        if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
+            raise DataError(f"{name}: an image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; "
+                            f"got shape {tuple(tensor.shape)}")
+        if tensor.dtype != torch.uint8:
+            tensor = tensor.float()
+            if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
+                raise DataError(f"{name}: float images must hold values in [0, 1] (uint8: 0-255); got "
+                                f"{float(tensor.min()):g} to {float(tensor.max()):g}")
+            tensor = (tensor * 255).round().to(torch.uint8)
+        if tensor.shape[0] == 4:
+            tensor = tensor[:3]
+        if tensor.shape[0] == 3 and self.in_channels == 1:  # ITU-R 601 luma, as PIL's convert("L")
+            weights = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
+            tensor = (tensor.float() * weights).sum(0, keepdim=True).round().to(torch.uint8)
+        elif tensor.shape[0] == 1 and self.in_channels == 3:
+            tensor = tensor.expand(3, -1, -1)
+        if self.image_shape and tuple(tensor.shape[1:]) != self.image_shape:
+            resized = F.interpolate(tensor[None].float(), size=self.image_shape, mode="bilinear", antialias=True,
+                                    align_corners=False)[0]
+            tensor = resized.round().clamp(0, 255).to(torch.uint8)
+        return tensor.contiguous()
 
     # ---------------------------------------------------------------- views
 
@@ -186,6 +253,35 @@ def _decode(data: bytes, size: int | None) -> np.ndarray:
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.BILINEAR)
         return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_hf_images(data: Any, opts: ImageOptions) -> RawData:
+    """data.dataset=hf: the image column, as encoded bytes (datasets.Image(decode=False)) decoded here to RGB."""
+    import datasets
+
+    from dmssl.hf_data import hf_columns
+
+    columns = hf_columns(data, opts.image_column, opts.label_column, datasets.Image(decode=False))
+
+    def decode(values: list[Any], split: str) -> torch.Tensor:
+        arrays = []
+        for i, value in enumerate(values):
+            encoded = value.get("bytes") if isinstance(value, dict) else None
+            if encoded is None and isinstance(value, dict) and value.get("path"):
+                encoded = Path(value["path"]).read_bytes()
+            if encoded is None:
+                raise DataError(f"{split} row {i}: column {opts.image_column!r} holds no image")
+            try:
+                arrays.append(_decode(encoded, opts.image_size))
+            except Exception as err:  # PIL raises many types for broken files
+                raise DataError(f"{split} row {i}: the image cannot be decoded ({type(err).__name__})") from None
+        if len({a.shape for a in arrays}) > 1:
+            raise DataError(f"{split} images have different sizes; set modality.image_size")
+        return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+
+    train = decode(columns.train + columns.unlabeled, "train")
+    return RawData(train=train[: len(columns.train)], train_labels=columns.train_labels, test=decode(columns.test, "test"),
+                   test_labels=columns.test_labels, class_names=columns.class_names, unlabeled=train[len(columns.train):])
 
 
 def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> RawData:

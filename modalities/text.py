@@ -99,9 +99,12 @@ class TextModality(Modality):
                 "distance": {"kernel": "imq"},
                 "trainer": {"optimizer": "adamw", "lr": 5e-5, "weight_decay": 0.01}}
 
+    input_suffixes = (".txt", *TABLE_SUFFIXES)
+
     def __init__(self, options: TextOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or TextOptions(), data, model)
         self._tokenizer = None
+        self.source_class_names: list[str] = []
 
     # ---------------------------------------------------------------- tokenizer
 
@@ -158,6 +161,8 @@ class TextModality(Modality):
     def class_names(self, labels: list[int]) -> list[str]:
         if self.options.class_names:
             return list(self.options.class_names)
+        if self.source_class_names:  # named by the data itself (a ClassLabel feature)
+            return list(self.source_class_names)
         return [str(k) for k in range(max(labels) + 1)]
 
     def source_files(self) -> list[Path]:
@@ -184,6 +189,8 @@ class TextModality(Modality):
                 raise DataError("modality.train_files and modality.test_files go together; modality.unlabeled_files is optional")
             files = {"train": opts.train_files, "test": opts.test_files, "unsup": opts.unlabeled_files}
             return {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
+        if data.dataset == "hf":
+            return self.read_hf_rows()
         if data.root:
             return read_split_folder(Path(data.root))
         if data.dataset == "imdb":
@@ -192,6 +199,20 @@ class TextModality(Modality):
             f"data.dataset={data.dataset!r} with no data.root: give data.root (a folder with train/unsup/test "
             "JSON-lines, CSV or Parquet files) or modality.train_files and modality.test_files"
         )
+
+    def read_hf_rows(self) -> dict[str, list[dict[str, Any]]]:
+        """data.dataset=hf: the text and label columns as rows; the label feature's names become class names."""
+        from dmssl.hf_data import hf_columns
+
+        opts = self.options
+        columns = hf_columns(self.data, opts.text_column, opts.label_column, class_names=opts.class_names or None)
+        self.source_class_names = list(columns.class_names)
+
+        def rows(texts: list[Any], labels: list[int]) -> list[dict[str, Any]]:
+            return [{opts.text_column: t, opts.label_column: y} for t, y in zip(texts, labels, strict=True)]
+
+        return {"train": rows(columns.train, columns.train_labels), "test": rows(columns.test, columns.test_labels),
+                "unsup": rows(columns.unlabeled, [-1] * len(columns.unlabeled))}
 
     def to_samples(self, rows: list[dict[str, Any]], split: str, labeled: bool = True) -> tuple[list[TextSample], list[int]]:
         opts = self.options
@@ -229,6 +250,49 @@ class TextModality(Modality):
             raise DataError(f"{split} label {value!r} is neither an integer nor one of modality.class_names="
                             f"{self.options.class_names}")
         return int(value)
+
+    # ---------------------------------------------------------------- new samples for a trained model
+
+    def samples_from(self, values: Any) -> list[TextSample]:
+        """Strings (one text each); tokenised with the run's tokenizer and `max_length`."""
+        values = [values] if isinstance(values, str) else list(values)
+        for i, value in enumerate(values):
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(f"sample {i}: a text sample must be a non-empty string, got {value!r:.60}")
+        return [TextSample(ids) for ids in self.encode(values)]
+
+    def read_inputs(self, path: Path) -> list[TextSample]:
+        """A .txt file: one text per non-empty line; JSON-lines, CSV, Parquet: the `text_column` of each row."""
+        kind = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+        if kind[-1:] == [".txt"]:
+            raw = gzip.decompress(path.read_bytes()) if path.suffix.lower() == ".gz" else path.read_bytes()
+            try:
+                texts = [line for line in raw.decode("utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError:
+                raise DataError(f"{path} is not UTF-8 text") from None
+        else:
+            rows = read_table(path)
+            column = self.options.text_column
+            missing = [i for i, row in enumerate(rows) if column not in row]
+            if missing:
+                raise DataError(f"{path}: row {missing[0] + 1} has no {column!r} column (set modality.text_column)")
+            texts = [row[column] for row in rows]
+        if not texts:
+            raise DataError(f"{path} holds no text")
+        return self.samples_from(texts)
+
+    def export_encoder(self, encoder: nn.Module, folder: Path) -> bool:
+        """The fine-tuned Transformer and its tokenizer, for `AutoModel.from_pretrained(folder)`."""
+        net = getattr(encoder, "net", None)
+        if net is None or not hasattr(net, "save_pretrained"):
+            return False
+        net.save_pretrained(folder)
+        self.tokenizer.save_pretrained(folder)
+        return True
+
+    def use_exported_encoder(self, folder: Path) -> None:
+        self.options.pretrained = str(folder)
+        self._tokenizer = None
 
     # ---------------------------------------------------------------- views
 

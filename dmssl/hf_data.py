@@ -1,0 +1,137 @@
+"""`data.dataset=hf`: any Hugging Face `datasets` data set, for every modality.
+
+Where the rows come from, first match wins:
+    data.root = a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`
+    data.root = a Parquet or Arrow file, or a folder of them: files whose names start with the split name
+                (train-00000.parquet, test.arrow, unsup.parquet) form that split
+    data.hub_name = a name on the hub (`datasets.load_dataset(hub_name, hub_config)`), where it is reachable
+
+Splits: `data.train_split` and `data.test_split` (default train, test), and optionally
+`data.unlabeled_split` (e.g. IMDB's `unsupervised`): its rows are unlabeled data. Rows with label -1 (or
+null) in the train split are unlabeled too. Which column holds the sample and which the label is the
+adapter's business (`modality.image_column`, `modality.audio_column`, `modality.text_column`,
+`modality.label_column`); this module hands it the columns and the class names.
+
+Class names: a `ClassLabel` label feature gives them; integer labels are named "0", "1", ...; string labels
+are sorted and numbered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmssl.config import DataConfig
+from dmssl.errors import DataError
+
+TABLE_FILE_SUFFIXES = (".parquet", ".arrow")
+
+
+@dataclass
+class HFColumns:
+    """One column's values per split, with integer labels (-1: unlabeled) and the class names."""
+
+    train: list[Any]
+    train_labels: list[int]
+    test: list[Any]
+    test_labels: list[int]
+    unlabeled: list[Any]
+    class_names: list[str]
+
+
+def load_hf_splits(data: DataConfig) -> dict[str, Any]:
+    """The data set's splits as `datasets.Dataset` objects, keyed by split name."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("data.dataset=hf needs the `datasets` package (pip install datasets)") from None
+    if data.root:
+        root = Path(data.root)
+        if not root.exists():
+            raise DataError(f"data.root={str(root)!r} does not exist; expected a save_to_disk folder or Parquet/Arrow files")
+        if root.is_dir() and any((root / name).is_file() for name in ("dataset_dict.json", "state.json")):
+            loaded = datasets.load_from_disk(str(root))
+            return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {data.train_split: loaded}
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in TABLE_FILE_SUFFIXES)
+        if not files:
+            raise DataError(f"data.root={str(root)!r} holds no save_to_disk data set and no .parquet or .arrow file")
+        by_split: dict[str, list[str]] = {}
+        for path in files:
+            split = next((s for s in split_names(data) if path.name.startswith(s)), data.train_split)
+            by_split.setdefault(split, []).append(str(path))
+        builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
+        return dict(datasets.load_dataset(builder, data_files=by_split))
+    if data.hub_name:
+        try:
+            return dict(datasets.load_dataset(data.hub_name, data.hub_config))
+        except Exception as err:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+            raise DataError(f"data.hub_name={data.hub_name!r} could not be loaded ({type(err).__name__}: {err}); offline, "
+                            "save it once with save_to_disk (or as Parquet) and set data.root to that folder") from None
+    raise DataError("data.dataset=hf needs data.root (a save_to_disk folder, Parquet or Arrow files) or data.hub_name")
+
+
+def split_names(data: DataConfig) -> list[str]:
+    # Longest first, so that "train_unlabeled" is not taken for "train".
+    names = [data.train_split, data.test_split] + ([data.unlabeled_split] if data.unlabeled_split else [])
+    return sorted(names, key=len, reverse=True)
+
+
+def hf_columns(data: DataConfig, column: str, label_column: str, feature: Any = None,
+               class_names: list[str] | None = None) -> HFColumns:
+    """Read `column` (cast to `feature`, e.g. `datasets.Image(decode=False)`, when given) and the labels.
+
+    `class_names` (the adapter's option, where it has one) names integer labels and orders string labels.
+    """
+    splits = load_hf_splits(data)
+    for wanted in (data.train_split, data.test_split, data.unlabeled_split):
+        if wanted and wanted not in splits:
+            raise DataError(f"the data set has no split {wanted!r}; its splits: {', '.join(sorted(splits))} "
+                            "(set data.train_split / data.test_split / data.unlabeled_split)")
+    train, test = splits[data.train_split], splits[data.test_split]
+    for name, split in ((data.train_split, train), (data.test_split, test)):
+        for needed in (column, label_column):
+            if needed not in split.column_names:
+                raise DataError(f"split {name!r} has no column {needed!r}; its columns: {', '.join(split.column_names)}")
+    names = label_names(train, label_column, class_names)
+
+    def read(split: Any, labeled: bool) -> tuple[list[Any], list[int]]:
+        if column not in split.column_names:
+            raise DataError(f"a split has no column {column!r}; its columns: {', '.join(split.column_names)}")
+        if feature is not None:
+            split = split.cast_column(column, feature)
+        values = list(split[column])
+        if not labeled:
+            return values, [-1] * len(values)
+        return values, [to_index(y, names) for y in list(split[label_column])]
+
+    train_values, train_labels = read(train, True)
+    test_values, test_labels = read(test, True)
+    if any(y < 0 for y in test_labels):
+        raise DataError(f"split {data.test_split!r} has rows without a label; every test row needs one")
+    unlabeled = read(splits[data.unlabeled_split], False)[0] if data.unlabeled_split else []
+    return HFColumns(train_values, train_labels, test_values, test_labels, unlabeled, names)
+
+
+def label_names(split: Any, label_column: str, class_names: list[str] | None) -> list[str]:
+    feature = split.features[label_column]
+    if getattr(feature, "names", None):  # ClassLabel
+        return list(class_names or feature.names)
+    labels = [y for y in list(split[label_column]) if y is not None and y != -1]
+    if not labels:
+        raise DataError(f"column {label_column!r} holds no label")
+    if all(isinstance(y, str) for y in labels):
+        return list(class_names) if class_names else sorted(set(labels))
+    if class_names:
+        return list(class_names)
+    return [str(k) for k in range(int(max(labels)) + 1)]
+
+
+def to_index(label: Any, names: list[str]) -> int:
+    if label is None or label == -1:
+        return -1
+    if isinstance(label, str):
+        if label not in names:
+            raise DataError(f"label {label!r} is not one of the classes {names}")
+        return names.index(label)
+    return int(label)
