@@ -129,3 +129,70 @@ def test_config_errors_come_before_any_data_is_read(override, monkeypatch):
     monkeypatch.setattr(ImageModality, "load", no_load)
     with pytest.raises(ConfigError):
         resolve(["recipe=image_cifar10", "data.root=/nonexistent.tar.gz", override])
+
+
+# ---------------------------------------------------------------- predict, export, and data.dataset=hf
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 2-step quickstart run, its export with the weights file overwritten by garbage, and small broken inputs."""
+    import datasets
+
+    from dmssl.export import export
+
+    tmp = tmp_path_factory.mktemp("trained")
+    assert main([*Q, f"output_dir={tmp / 'run'}"]) == 0
+    export(tmp / "run", tmp / "corrupt-export")
+    (tmp / "corrupt-export/model.safetensors").write_bytes(b"not safetensors")
+    (tmp / "bad-checkpoint/checkpoints").mkdir(parents=True)
+    (tmp / "bad-checkpoint/config.yaml").write_text((tmp / "run/config.yaml").read_text())
+    (tmp / "bad-checkpoint/checkpoints/step_00000002.pt").write_bytes(b"\x80\x02garbage")
+    png(tmp / "digit.png", 128)
+    (tmp / "empty.png").write_bytes(b"")
+    (tmp / "notes.txt").write_text("not an image\n")
+    (tmp / "no-images").mkdir()
+    (tmp / "no-images/notes.txt").write_text("nothing here\n")
+    (tmp / "full").mkdir()
+    (tmp / "full/keep.txt").write_text("keep me")
+    images = {"image": [{"bytes": (tmp / "digit.png").read_bytes(), "path": None}] * 4, "label": [0, 1, 0, 1]}
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(images)}).save_to_disk(tmp / "hf-no-test")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"picture": images["image"], "label": [0, 1, 0, 1]}),
+                          "test": datasets.Dataset.from_dict({"picture": images["image"][:2], "label": [0, 1]})}
+                         ).save_to_disk(tmp / "hf-other-column")
+    return tmp
+
+
+USE_CASES = [
+    (["predict", "{t}/nowhere", "{t}/digit.png"], "'{t}/nowhere' is not a dmssl run folder or export: it has no config.yaml"),
+    (["predict", "{t}/bad-checkpoint", "{t}/digit.png"], "has no readable checkpoint in checkpoints/"),
+    (["predict", "{t}/corrupt-export", "{t}/digit.png"], "model.safetensors cannot be read"),
+    (["predict", "{t}/run", "{t}/notes.txt"], "notes.txt is not a readable image"),
+    (["predict", "{t}/run", "{t}/empty.png"], "empty.png is empty"),
+    (["predict", "{t}/run", "{t}/no-images"], "no-images holds no file this image model reads (file types: .png"),
+    (["predict", "{t}/run", "{t}/missing.png"], "missing.png does not exist"),
+    (["predict", "{t}/run", "{t}/digit.png", "--output", "{t}/preds.xlsx"], "the file type must be .csv or .jsonl"),
+    (["predict", "{t}/run", "{t}/digit.png", "--top-k", "0"], "--top-k=0 must be >= 1"),
+    (["export", "{t}/bad-checkpoint", "{t}/out"], "has no readable checkpoint in checkpoints/"),
+    (["export", "{t}/run", "{t}/full"], "'{t}/full' exists and is not empty; pass --overwrite"),
+    (["export", "{t}/run", "{t}/run"], "exists and is not empty"),
+    (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf"], "data.dataset=hf needs data.root"),
+    (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/hf-no-test"], "the data set has no split 'test'; its splits: train"),
+    (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/hf-other-column"], "split 'train' has no column 'image'; its columns: picture, label"),
+    (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/nowhere"], "data.root='{t}/nowhere' does not exist"),
+    (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/no-images"], "holds no save_to_disk data set and no .parquet or .arrow file"),
+    (["plotx", "{t}/run"], "unknown command 'plotx'; did you mean 'plot'?"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), USE_CASES, ids=[f"use{i:02d}" for i in range(len(USE_CASES))])
+def test_bad_input_of_predict_export_and_hf_data_exits_2(argv, message, trained, capsys, monkeypatch):
+    from dmssl.cli import console
+
+    monkeypatch.chdir(trained)
+    code = console([a.format(t=trained) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message.format(t=trained) in lines[0], err
+    assert not (trained / "out").exists()  # a failed export leaves nothing behind

@@ -81,6 +81,12 @@ def test_finished_with_same_config__reuses_only_a_run_with_the_cells_config(tmp_
     assert finished_with_same_config(tmp_path, overrides)
     assert not finished_with_same_config(tmp_path, overrides[:-2] + ["trainer.max_steps=600", overrides[-1]])
     assert not finished_with_same_config(tmp_path, overrides + ["objective.unconfident_weight=0.5"])
+    # A run saved before a key joined the schema is reused while the cell leaves that key at its default.
+    saved = config_to_dict(resolve(overrides))
+    del saved["data"]["hub_name"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert finished_with_same_config(tmp_path, overrides)
+    assert not finished_with_same_config(tmp_path, overrides + ["data.hub_name=cifar10"])
 
 
 def test_describe_runs_machine__reads_the_runs_not_the_rendering_process():

@@ -25,3 +25,29 @@ def test_cifar10_recipe_on_the_real_archive(tmp_path):
     summary = fit(resolve(["recipe=image_cifar10", f"data.root={CIFAR}", "model.encoder=small_cnn", "data.batch_size=8",
                            "data.mu=1", "data.test_subset=256", *COMMON, f"output_dir={tmp_path}"]))
     assert summary["num_labeled"] == 250 and summary["num_unlabeled"] == 50000 and summary["num_test"] == 256
+
+
+@pytest.mark.skipif(not FSDD.is_file(), reason="the FSDD archive is not beside the project")
+def test_fsdd_as_a_hugging_face_datasets_folder(tmp_path):
+    """The real FSDD recordings (index 0-7 of every speaker and digit) converted once to a save_to_disk folder."""
+    import re
+
+    import datasets
+
+    from dmssl.files import iter_data_files
+
+    rows = {"train": {"audio": [], "label": []}, "test": {"audio": [], "label": []}}
+    for parts, data in iter_data_files(FSDD, (".wav",)):
+        digit, _, index = re.match(r"(\d)_([a-z]+)_(\d+)\.wav$", parts[-1]).groups()
+        if int(index) < 8:
+            split = rows["test" if int(index) < 5 else "train"]
+            split["audio"].append({"bytes": data, "path": parts[-1]})
+            split["label"].append(int(digit))
+    features = datasets.Features({"audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+                                  "label": datasets.ClassLabel(names=[str(d) for d in range(10)])})
+    datasets.DatasetDict({name: datasets.Dataset.from_dict(split, features=features).cast_column("audio", datasets.Audio())
+                          for name, split in rows.items()}).save_to_disk(tmp_path / "fsdd-hf")
+    summary = fit(resolve(["recipe=audio_fsdd", "data.dataset=hf", f"data.root={tmp_path / 'fsdd-hf'}", "data.labels_per_class=2",
+                           "data.batch_size=4", *COMMON, f"output_dir={tmp_path / 'run'}"]))
+    assert summary["num_test"] == 300 and summary["num_labeled"] == 20 and summary["num_unlabeled"] == 180
+    assert summary["class_names"] == [str(d) for d in range(10)]

@@ -135,3 +135,44 @@ def test_conformance_kit_passes(tmp_path):
     from dmssl.testing import check_adapter
 
     assert check_adapter(adapter(make_folder(tmp_path / "clips")), num_samples=8).passed
+
+
+def test_read_inputs_and_samples_from__clips_of_any_rate_become_clip_length_waveforms(tmp_path):
+    audio = adapter(tmp_path, clip_seconds=0.5)
+    path = tmp_path / "clip.wav"
+    path.write_bytes(wav_bytes(tone(16000, 0.2, channels=2), 16000))
+    (wave,) = audio.read_inputs(path)
+    assert wave.shape == (4000,)  # 0.5 s at 8 kHz; the 0.2 s clip was resampled and zero-padded
+    assert torch.allclose(wave, fit_length(decode_audio(path.read_bytes(), 8000), 4000))
+    stereo = audio.samples_from([np.stack([np.ones(3000), np.zeros(3000)])])[0]
+    assert stereo.shape == (4000,) and torch.allclose(stereo[:3000], torch.full((3000,), 0.5))
+    (tmp_path / "bad.wav").write_bytes(b"RIFF not a wav")
+    with pytest.raises(DataError, match="bad.wav is not a readable audio file"):
+        audio.read_inputs(tmp_path / "bad.wav")
+
+
+@pytest.mark.slow
+def test_hf_dataset__a_save_to_disk_folder_of_clips_trains_offline(tmp_path):
+    """Synthetic tones as WAV bytes in a datasets.Audio column, string labels, a split of unlabeled clips."""
+    import datasets
+
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    def split(n, labeled=True):
+        pitches = [i % 3 for i in range(n)]
+        clips = [{"bytes": wav_bytes(tone(8000, 0.3, freq=300 + 200 * p), 8000), "path": None} for p in pitches]
+        labels = [["low", "mid", "high"][p] if labeled else None for p in pitches]
+        # Written as a plain bytes struct and cast: encoding through datasets.Audio itself needs torchcodec.
+        struct = {"bytes": datasets.Value("binary"), "path": datasets.Value("string")}
+        plain = datasets.Dataset.from_dict({"audio": clips, "word": labels},
+                                           features=datasets.Features({"audio": struct, "word": datasets.Value("string")}))
+        return plain.cast_column("audio", datasets.Audio(decode=False))
+
+    datasets.DatasetDict({"train": split(18), "test": split(6), "extra": split(9, labeled=False)}).save_to_disk(tmp_path / "hf")
+    summary = fit(resolve(["recipe=audio_fsdd", "data.dataset=hf", f"data.root={tmp_path / 'hf'}", "data.unlabeled_split=extra",
+                           "modality.label_column=word", "modality.clip_seconds=0.3", "data.labels_per_class=2",
+                           "data.batch_size=4", "data.mu=1", "data.num_workers=0", "model.width=8", "trainer.max_steps=3",
+                           "trainer.progress_bar=false", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["class_names"] == ["high", "low", "mid"]  # string labels, sorted
+    assert summary["num_test"] == 6 and summary["num_unlabeled"] == 18 + 9

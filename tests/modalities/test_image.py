@@ -1,6 +1,7 @@
 """Batched image views: each transform does per image what its definition says, and RandAugment's
 operations equal torchvision's. Images here are synthetic random bytes unless stated."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -140,3 +141,56 @@ def test_step_dataset__builds_image_steps_with_the_batched_views():
     assert calls == [12, 12, 12, 12]
     assert first["inputs"].shape == (4 + 3 * 12, 1, 8, 8)
     assert torch.equal(first["inputs"], again["inputs"])  # seeded per step: a resumed run sees the same step
+
+
+def test_samples_from__arrays_of_any_layout_become_the_models_input():
+    image = ImageModality(None, None, None)
+    image.restore_inference_state({"in_channels": 1, "image_shape": [8, 8]})
+    grey = torch.randint(0, 256, (8, 8), dtype=torch.uint8)
+    as_hwc = grey[:, :, None].expand(8, 8, 3).numpy()  # an RGB picture of a grey image
+    samples = image.samples_from([grey.numpy(), grey[None], as_hwc, grey.numpy() / 255.0])
+    for sample in samples:
+        assert sample.shape == (1, 8, 8) and sample.dtype == torch.uint8
+        assert (sample[0].int() - grey.int()).abs().max() <= 1  # luma of equal channels, float rounding
+    big = image.samples_from([torch.zeros(3, 16, 16, dtype=torch.uint8)])[0]
+    assert big.shape == (1, 8, 8)
+    with pytest.raises(Exception, match=r"float images must hold values in \[0, 1\]"):
+        image.samples_from([np.full((8, 8), 16.0)])
+    with pytest.raises(Exception, match="got shape"):
+        image.samples_from([np.zeros((2, 8, 8, 3))])
+
+
+@pytest.mark.slow
+def test_hf_dataset__a_save_to_disk_folder_of_images_trains_offline(tmp_path):
+    """Synthetic images (dark vs light squares) in a datasets folder; ClassLabel names become class names."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from dmssl.trainer import fit
+
+    rng = np.random.default_rng(0)
+
+    def png(level):
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    features = datasets.Features({"img": datasets.Image(), "kind": datasets.ClassLabel(names=["dark", "light"])})
+
+    def split(n):
+        kinds = [i % 2 for i in range(n)]
+        images = [{"bytes": png(30 + 180 * k + int(rng.integers(0, 30))), "path": None} for k in kinds]
+        return datasets.Dataset.from_dict({"img": images, "kind": kinds}, features=features)
+
+    datasets.DatasetDict({"train": split(30), "test": split(10)}).save_to_disk(tmp_path / "hf")
+    (tmp_path / "parquet").mkdir()
+    split(30).to_parquet(tmp_path / "parquet" / "train-00000.parquet")
+    split(10).to_parquet(tmp_path / "parquet" / "test-00000.parquet")
+    for root in ("hf", "parquet"):
+        summary = fit(resolve(["recipe=quickstart", "data.dataset=hf", f"data.root={tmp_path / root}",
+                               "modality.image_column=img", "modality.label_column=kind", "data.labels_per_class=3",
+                               "data.batch_size=6", "data.mu=1", "data.num_workers=0", "trainer.max_steps=3",
+                               "trainer.progress_bar=false", f"output_dir={tmp_path / ('run-' + root)}"]))
+        assert summary["class_names"] == ["dark", "light"] and summary["num_test"] == 10 and summary["num_labeled"] == 6

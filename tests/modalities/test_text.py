@@ -7,6 +7,7 @@ import gzip
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -177,3 +178,62 @@ def test_conformance_kit_passes(tiny_bert, data_root):
     a.options.pretrained = resolve_model_path("sentence-transformers/all-MiniLM-L6-v2")
     a.data.cache_dir = str(data_root / "cache-minilm")
     assert check_adapter(a).passed
+
+
+@pytest.mark.slow
+def test_export__automodel_from_pretrained_gives_the_runs_encoder_features(tiny_bert, data_root, tmp_path):
+    import dmssl
+    from transformers import AutoModel, AutoTokenizer
+
+    run = dmssl.fit("text_sentiment", {"data.root": str(data_root), "modality.pretrained": str(tiny_bert),
+                                       "data.cache_dir": str(tmp_path), "data.labels_per_class": 4, "data.batch_size": 4,
+                                       "data.num_workers": 0, "data.test_subset": None, "modality.max_length": 16,
+                                       "trainer.max_steps": 4, "trainer.progress_bar": False,
+                                       "output_dir": str(tmp_path / "run")})
+    out = dmssl.export(run.run_dir, tmp_path / "export")
+    texts = ["good great movie", "the plot was very awful", "w3 w4 bad"]
+    features = run.load().embed(texts, space="features")
+    encoder = AutoModel.from_pretrained(out / "encoder").eval()
+    tokens = AutoTokenizer.from_pretrained(out / "encoder")(texts, padding=True, truncation=True, max_length=16,
+                                                            return_tensors="pt")
+    with torch.no_grad():
+        hidden = encoder(**tokens).last_hidden_state
+    mask = tokens["attention_mask"].unsqueeze(-1).float()
+    pooled = ((hidden * mask).sum(1) / mask.sum(1)).numpy()  # the recipe's mean pooling
+    assert np.allclose(pooled, features, atol=1e-5)
+    # fine-tuning changed the encoder, so the comparison is with the trained weights, not the starting ones
+    start = AutoModel.from_pretrained(tiny_bert).eval()
+    with torch.no_grad():
+        assert not torch.allclose(start(**tokens).last_hidden_state, hidden)
+    clf = dmssl.load(out)
+    assert clf.class_names == ["negative", "positive"] and clf.config.modality.options.pretrained == str(out / "encoder")
+    assert (clf.predict(texts) == run.load().predict(texts)).all()
+    lines = tmp_path / "reviews.txt"
+    lines.write_text("good great movie\n\nthe plot was very awful\n")
+    assert [s.ids for s in clf.adapter.read_inputs(lines)] == [s.ids for s in clf.adapter.samples_from(texts[:2])]
+
+
+@pytest.mark.slow
+def test_hf_dataset__a_save_to_disk_folder_trains_offline(tiny_bert, tmp_path):
+    import datasets
+
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    features = datasets.Features({"review": datasets.Value("string"), "sentiment": datasets.ClassLabel(names=["neg", "pos"])})
+
+    def split(n, seed):
+        rows = reviews(n, seed)
+        return datasets.Dataset.from_dict({"review": [r["text"] for r in rows], "sentiment": [r["label"] for r in rows]},
+                                          features=features)
+
+    unlabeled = datasets.Dataset.from_dict({"review": [r["text"] for r in reviews(12, 3)], "sentiment": [-1] * 12})
+    datasets.DatasetDict({"train": split(24, 0), "test": split(8, 1), "unsupervised": unlabeled}).save_to_disk(tmp_path / "hf")
+    summary = fit(resolve(["recipe=text_sentiment", "data.dataset=hf", f"data.root={tmp_path / 'hf'}",
+                           "data.unlabeled_split=unsupervised", "modality.text_column=review", "modality.label_column=sentiment",
+                           "modality.class_names=[]", f"modality.pretrained={tiny_bert}", f"data.cache_dir={tmp_path}",
+                           "data.labels_per_class=3", "data.batch_size=4", "data.num_workers=0", "data.test_subset=null",
+                           "modality.max_length=16", "trainer.max_steps=3", "trainer.progress_bar=false",
+                           f"output_dir={tmp_path / 'run'}"]))
+    assert summary["class_names"] == ["neg", "pos"] and summary["num_test"] == 8
+    assert summary["num_labeled"] == 6 and summary["num_unlabeled"] == 24 + 12
