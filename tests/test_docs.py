@@ -29,3 +29,16 @@ def test_docs_build_strict(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_using_a_model_page_runs_top_to_bottom(tmp_path, monkeypatch, capsys):
+    page = (ROOT / "docs" / "using-a-model.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
+    assert len(blocks) >= 4
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "docs/using-a-model.md", "exec"), namespace)  # noqa: S102 - the page's own code
+    assert (tmp_path / "exports" / "digits" / "model.safetensors").is_file()
+    assert "# dmssl model: quickstart" in capsys.readouterr().out
