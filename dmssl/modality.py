@@ -152,6 +152,7 @@ class Modality(ABC):
 
     def restore_inference_state(self, state: dict[str, Any]) -> None:
         """Undo `inference_state`: called instead of `load` when a trained model is loaded."""
+        return None  # an adapter whose load learns nothing has nothing to restore
 
     def samples_from(self, values: Sequence[Any]) -> list[Any]:
         """Samples from the raw values a user hands to `Classifier.predict` (arrays, strings, waveforms).
@@ -177,6 +178,7 @@ class Modality(ABC):
     def use_exported_encoder(self, folder: Path) -> None:
         """Loading an export that holds `folder` (written by `export_encoder`): build the encoder from it, so
         that the export needs nothing else (text: the tokenizer and architecture come from the folder)."""
+        return None  # adapters without an exported encoder rebuild it from the config
 
 
 # ---------------------------------------------------------------- finding and building adapters

@@ -182,8 +182,9 @@ def test_conformance_kit_passes(tiny_bert, data_root):
 
 @pytest.mark.slow
 def test_export__automodel_from_pretrained_gives_the_runs_encoder_features(tiny_bert, data_root, tmp_path):
-    import dmssl
     from transformers import AutoModel, AutoTokenizer
+
+    import dmssl
 
     run = dmssl.fit("text_sentiment", {"data.root": str(data_root), "modality.pretrained": str(tiny_bert),
                                        "data.cache_dir": str(tmp_path), "data.labels_per_class": 4, "data.batch_size": 4,
