@@ -12,7 +12,9 @@ Checks: load() returns consistent RawData; views are deterministic under a fixed
 sample's label (a view stays more similar to its own sample than to one of another class, judged by
 the adapter's encoder) and differ between seeds; collate keeps every sample, including samples of
 different lengths; the encoder's output is (B, feature_dim), finite and differentiable; two
-optimisation steps on one labeled batch lower the loss; the adapter pickles (DataLoader workers).
+optimisation steps on one labeled batch lower the loss; a fresh adapter rebuilt from
+`inference_state()` (as `dmssl.load` does, without the data) gives the same features; the adapter pickles
+(DataLoader workers).
 """
 
 from __future__ import annotations
@@ -208,6 +210,10 @@ def check_adapter(adapter: Modality | type[Modality], cfg: Config | None = None,
     if shape_ok:
         _check_learns(adapter, raw, samples, labels, check, seed)
 
+    # ---- a trained model can be reloaded without the data (dmssl.load, dmssl predict)
+    if shape_ok:
+        _check_reload(adapter, encoder, samples, check)
+
     try:
         pickle.dumps(adapter)
         check("adapter pickles (DataLoader workers)", True, "")
@@ -242,6 +248,38 @@ def _check_collate_order(adapter: Modality, encoder: torch.nn.Module, views: lis
     return check("collate keeps each sample in its row", ok,
                  "row i of collate(views) is not view i (compared through the encoder, each view collated alone); "
                  "keep the views' order: labels are matched to rows by position")
+
+
+def _check_reload(adapter: Modality, encoder: torch.nn.Module, samples: list, check: Any) -> None:
+    """What `dmssl.load` does: a fresh adapter, `restore_inference_state` (no `load`), `build_encoder`, the
+    trained weights; its test-view features must equal the trained adapter's."""
+    import json
+
+    try:
+        state = adapter.inference_state()
+        json.dumps(state)
+    except Exception as err:
+        check("inference_state is JSON", False, f"inference_state() failed or is not JSON-ready ({err}); return plain "
+              "numbers, strings and lists (it is saved as model.json)")
+        return
+    try:
+        fresh = type(adapter)(adapter.options, adapter.data, adapter.model)
+        fresh.restore_inference_state(json.loads(json.dumps(state)))
+        rebuilt = fresh.build_encoder()
+        rebuilt.load_state_dict(encoder.state_dict())
+    except Exception as err:
+        check("encoder rebuilds from inference_state", False,
+              f"a fresh adapter with restore_inference_state(inference_state()) could not rebuild the trained encoder "
+              f"({type(err).__name__}: {err}); put what load() learns that build_encoder needs into inference_state")
+        return
+    encoder.eval()
+    rebuilt.eval()
+    with torch.no_grad():
+        before = encoder(adapter.collate([adapter.test_view(s) for s in samples]))
+        after = rebuilt(fresh.collate([fresh.test_view(s) for s in samples]))
+    check("encoder rebuilds from inference_state", before.shape == after.shape and torch.allclose(before, after, atol=1e-5),
+          "the rebuilt adapter and encoder give other features for the same samples; inference_state must hold "
+          "everything load() learns that test_view, collate or build_encoder use")
 
 
 def _check_raw(raw: Any, check: Any) -> bool:

@@ -105,7 +105,33 @@ class TupleCollate(TabularModality):
         return (torch.stack(views),)
 
 
+class ForgetsWhatLoadLearned(TabularModality):
+    """Sizes its encoder from the data but keeps that out of inference_state: dmssl.load could not rebuild it."""
+
+    def load(self):
+        raw = super().load()
+        self.in_features = int(raw.train[0].shape[0])
+        return raw
+
+    def build_encoder(self):
+        return MLP(in_features=self.in_features, width=self.model.width or 128)
+
+
+class RemembersWhatLoadLearned(ForgetsWhatLoadLearned):
+    def inference_state(self):
+        return {"in_features": self.in_features}
+
+    def restore_inference_state(self, state):
+        self.in_features = state["in_features"]
+
+
+def test_check_adapter__an_adapter_that_keeps_what_load_learned_reloads():
+    report = check_adapter(RemembersWhatLoadLearned, CFG)
+    assert "encoder rebuilds from inference_state" in report.passed_checks
+
+
 @pytest.mark.parametrize(("adapter", "message"), [
+    (ForgetsWhatLoadLearned, "encoder rebuilds from inference_state: a fresh adapter with restore_inference_state"),
     (DetachedEncoder, "gradients reach the encoder: no gradient reached the encoder's parameters (its output has no grad_fn)"),
     (DroppingWeakViews, "weak_views gives one view per sample: weak_views() of 16 samples returned list of length 15"),
     (StringLabels, "labels are class indices (int)"),
