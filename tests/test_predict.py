@@ -169,3 +169,13 @@ def test_plot__writes_the_confusion_matrix_figure(run_dir):
     done = subprocess.run([sys.executable, "-m", "dmssl", "plot", str(run_dir)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (run_dir / "plots" / "confusion.png").stat().st_size > 1000
+
+
+def test_load__a_run_folder_written_before_model_json_reads_its_data_once(run_dir, tmp_path):
+    old = tmp_path / "old-run"
+    shutil.copytree(run_dir, old)
+    (old / "model.json").unlink()
+    images = load_digits(seed=0).test[:10]
+    clf = dmssl.load(old)
+    assert clf.class_names == [str(d) for d in range(10)]
+    assert (clf.predict(images) == dmssl.load(run_dir).predict(images)).all()
