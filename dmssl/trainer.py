@@ -409,21 +409,28 @@ def fit(cfg: Config) -> dict[str, Any]:
     if accelerator.is_main_process:
         if cfg.trainer.save_embeddings:
             snapshot.save(state.ema.module, accelerator.device, run_dir / "embeddings" / f"step_{state.step:08d}.npz")
-        confusion = {"split": "test", "step": state.step, **evaluator.test_report.to_dict(data.class_names)}
-        confusion["per_class_accuracy"] = json_floats(confusion["per_class_accuracy"])
-        (run_dir / "confusion_matrix.json").write_text(json.dumps(confusion) + "\n", encoding="utf-8")
+        write_confusion_matrix(run_dir, evaluator.test_report, data.class_names, state.step)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     # end_training destroys the process group: no process tears it down while the main one still writes.
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    dev = f"dev_accuracy={summary['dev_accuracy']:.4f} " if summary["dev_accuracy"] is not None else ""
-    per_class = [(a, n) for a, n in zip(evaluator.test_report.per_class_accuracy, data.class_names, strict=True)
-                 if not math.isnan(a)]
-    worst = f"worst_class={min(per_class)[1]}:{min(per_class)[0]:.3f} " if per_class else ""
-    accelerator.print(f"{dev}test_accuracy={summary['test_accuracy']:.4f} test_macro_f1={summary['test_macro_f1']:.4f} "
-                      f"{worst}steps={state.step} "
-                      f"wall_seconds={summary['wall_seconds']} run_dir={run_dir}")
+    accelerator.print(final_line(summary, evaluator.test_report, data.class_names))
     return summary
+
+
+def write_confusion_matrix(run_dir: Path, report: ClassificationReport, class_names: list[str], step: int) -> None:
+    confusion = {"split": "test", "step": step, **report.to_dict(class_names)}
+    confusion["per_class_accuracy"] = json_floats(confusion["per_class_accuracy"])
+    (run_dir / "confusion_matrix.json").write_text(json.dumps(confusion) + "\n", encoding="utf-8")
+
+
+def final_line(summary: dict[str, Any], report: ClassificationReport, class_names: list[str]) -> str:
+    """The run's last line: dev and test accuracy, macro-F1, the worst class, steps, time, folder."""
+    dev = f"dev_accuracy={summary['dev_accuracy']:.4f} " if summary["dev_accuracy"] is not None else ""
+    per_class = [(a, n) for a, n in zip(report.per_class_accuracy, class_names, strict=True) if not math.isnan(a)]
+    worst = f"worst_class={min(per_class)[1]}:{min(per_class)[0]:.3f} " if per_class else ""
+    return (f"{dev}test_accuracy={summary['test_accuracy']:.4f} test_macro_f1={summary['test_macro_f1']:.4f} {worst}"
+            f"steps={summary['steps']} wall_seconds={summary['wall_seconds']} run_dir={summary['run_dir']}")
 
 
 def resume(state: TrainState, cfg: Config, checkpoints: Path) -> Path | None:
