@@ -216,7 +216,7 @@ def test_plot__renders_figures_of_a_run(tmp_path):
 
     run(tmp_path / "a", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.log_every=2")
     written = plot_run(tmp_path / "a")
-    assert {p.name for p in written} == {"curves.png", "distance.png", "embeddings.png"}
+    assert {p.name for p in written} == {"curves.png", "distance.png", "embeddings.png", "confusion.png"}
     assert all(p.stat().st_size > 10_000 for p in written)  # real images, not empty files
     run(tmp_path / "b", "trainer.max_steps=6", "objective.name=sscl")
     assert compare([tmp_path / "a", tmp_path / "b"], tmp_path / "cmp.png").stat().st_size > 10_000
