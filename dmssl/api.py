@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dmssl.classifier import Classifier, load
+from dmssl.classifier import Classifier, load, read_run_config
 from dmssl.config import Config
 
 
@@ -40,13 +40,8 @@ class Run:
     @classmethod
     def from_dir(cls, run_dir: str | Path) -> Run:
         """A finished run folder, read back."""
-        import yaml
-
-        from dmssl.recipe import config_from_dict
-
         folder = Path(run_dir)
-        cfg = config_from_dict(yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8")) or {})
-        return cls(folder, cfg, json.loads((folder / "summary.json").read_text(encoding="utf-8")))
+        return cls(folder, read_run_config(folder), json.loads((folder / "summary.json").read_text(encoding="utf-8")))
 
 
 def override_pairs(overrides: dict[str, Any] | None, keywords: dict[str, Any]) -> list[tuple[str, Any]]:

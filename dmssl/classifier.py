@@ -96,26 +96,28 @@ class Classifier:
 
 def as_list(samples: Any) -> list[Any]:
     """A batch array (N, ...) or tensor becomes its rows; a single string one text; lists stay as they are."""
-    if isinstance(samples, str):
-        return [samples]
-    if isinstance(samples, (np.ndarray, torch.Tensor)):
-        return list(samples)
-    return list(samples)
+    return [samples] if isinstance(samples, str) else list(samples)
+
+
+def read_run_config(folder: Path) -> Config:
+    """The resolved config a run folder or an export holds (config.yaml)."""
+    from dmssl.recipe import config_from_dict
+
+    config_file = folder / "config.yaml"
+    if not config_file.is_file():
+        raise CheckpointError(f"{str(folder)!r} is not a dmssl run folder or export: it has no config.yaml")
+    try:
+        return config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError as err:
+        raise CheckpointError(f"{config_file} is not valid YAML ({err})") from None
 
 
 def load(path: str | Path, device: torch.device | str | None = None, batch_size: int = 64) -> Classifier:
     """A run folder (config.yaml, checkpoints/) or an export (dmssl export) as a `Classifier`."""
     from dmssl.objective import OBJECTIVES
-    from dmssl.recipe import config_from_dict
 
     folder = Path(path)
-    config_file = folder / "config.yaml"
-    if not config_file.is_file():
-        raise CheckpointError(f"{str(folder)!r} is not a dmssl run folder or export: it has no config.yaml")
-    try:
-        cfg = config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"{config_file} is not valid YAML ({err})") from None
+    cfg = read_run_config(folder)
     weights, step = read_weights(folder)
     adapter = build_adapter(cfg)
     description_file = folder / MODEL_FILE

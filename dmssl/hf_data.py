@@ -18,6 +18,7 @@ are sorted and numbered.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,3 +136,22 @@ def to_index(label: Any, names: list[str]) -> int:
             raise DataError(f"label {label!r} is not one of the classes {names}")
         return names.index(label)
     return int(label)
+
+
+def decode_encoded(values: list[Any], decode: Callable[[bytes], Any], column: str, split: str, kind: str) -> list[Any]:
+    """Decode a column read with `decode=False` ({"bytes", "path"} per row: bytes, else the file at path).
+
+    `kind` names what a row holds ("image", "audio") in the errors, which name the split and the row.
+    """
+    decoded = []
+    for i, value in enumerate(values):
+        encoded = value.get("bytes") if isinstance(value, dict) else None
+        if encoded is None and isinstance(value, dict) and value.get("path"):
+            encoded = Path(value["path"]).read_bytes()
+        if encoded is None:
+            raise DataError(f"{split} row {i}: column {column!r} holds no {kind}")
+        try:
+            decoded.append(decode(encoded))
+        except Exception as err:  # PIL and soundfile raise many types for broken files
+            raise DataError(f"{split} row {i}: the {kind} cannot be decoded ({type(err).__name__})") from None
+    return decoded

@@ -304,23 +304,13 @@ def load_hf_audio(data: Any, opts: AudioOptions, length: int) -> RawData:
     and resampled here, so no extra decoding backend is needed."""
     import datasets
 
-    from dmssl.hf_data import hf_columns
+    from dmssl.hf_data import decode_encoded, hf_columns
 
     columns = hf_columns(data, opts.audio_column, opts.label_column, datasets.Audio(decode=False))
 
     def decode(values: list[Any], split: str) -> list[torch.Tensor]:
-        waves = []
-        for i, value in enumerate(values):
-            encoded = value.get("bytes") if isinstance(value, dict) else None
-            if encoded is None and isinstance(value, dict) and value.get("path"):
-                encoded = Path(value["path"]).read_bytes()
-            if encoded is None:
-                raise DataError(f"{split} row {i}: column {opts.audio_column!r} holds no audio")
-            try:
-                waves.append(fit_length(decode_audio(encoded, opts.sample_rate), length))
-            except Exception as err:  # soundfile raises several types for broken files
-                raise DataError(f"{split} row {i}: the audio cannot be decoded ({type(err).__name__})") from None
-        return waves
+        return decode_encoded(values, lambda b: fit_length(decode_audio(b, opts.sample_rate), length), opts.audio_column,
+                              split, "audio")
 
     return RawData(train=decode(columns.train, "train"), train_labels=columns.train_labels,
                    test=decode(columns.test, "test"), test_labels=columns.test_labels, class_names=columns.class_names,

@@ -259,22 +259,12 @@ def load_hf_images(data: Any, opts: ImageOptions) -> RawData:
     """data.dataset=hf: the image column, as encoded bytes (datasets.Image(decode=False)) decoded here to RGB."""
     import datasets
 
-    from dmssl.hf_data import hf_columns
+    from dmssl.hf_data import decode_encoded, hf_columns
 
     columns = hf_columns(data, opts.image_column, opts.label_column, datasets.Image(decode=False))
 
     def decode(values: list[Any], split: str) -> torch.Tensor:
-        arrays = []
-        for i, value in enumerate(values):
-            encoded = value.get("bytes") if isinstance(value, dict) else None
-            if encoded is None and isinstance(value, dict) and value.get("path"):
-                encoded = Path(value["path"]).read_bytes()
-            if encoded is None:
-                raise DataError(f"{split} row {i}: column {opts.image_column!r} holds no image")
-            try:
-                arrays.append(_decode(encoded, opts.image_size))
-            except Exception as err:  # PIL raises many types for broken files
-                raise DataError(f"{split} row {i}: the image cannot be decoded ({type(err).__name__})") from None
+        arrays = decode_encoded(values, lambda b: _decode(b, opts.image_size), opts.image_column, split, "image")
         if len({a.shape for a in arrays}) > 1:
             raise DataError(f"{split} images have different sizes; set modality.image_size")
         return torch.from_numpy(np.stack(arrays)) if arrays else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)

@@ -255,7 +255,7 @@ class TextModality(Modality):
 
     def samples_from(self, values: Any) -> list[TextSample]:
         """Strings (one text each); tokenised with the run's tokenizer and `max_length`."""
-        values = [values] if isinstance(values, str) else list(values)
+        values = list(values)
         for i, value in enumerate(values):
             if not isinstance(value, str) or not value.strip():
                 raise DataError(f"sample {i}: a text sample must be a non-empty string, got {value!r:.60}")
