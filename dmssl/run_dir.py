@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,27 @@ RESUMABLE_CHANGES = {"trainer.max_steps", "trainer.max_minutes", "trainer.eval_e
 def run_identity(cfg: Config) -> dict[str, Any]:
     """The settings that make a run this run (what may not change on resume)."""
     return {k: v for k, v in flatten(config_to_dict(cfg)).items() if k not in RESUMABLE_CHANGES}
+
+
+def code_version() -> str:
+    """The commit of the checkout this package runs from (`+dirty` with uncommitted changes), else its version.
+
+    Recorded in summary.json so that a results table can name the code each of its runs ran at.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+
+    try:
+        # An installed copy may sit inside some other repository (a virtual environment in a checkout).
+        if Path(git("rev-parse", "--show-toplevel")).resolve() == checkout:
+            return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from dmssl import __version__
+
+    return __version__
 
 
 def check_run_dir(cfg: Config) -> Path:

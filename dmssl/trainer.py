@@ -46,6 +46,7 @@ from dmssl.run_dir import (
     EmbeddingSnapshot,
     append_json_line,
     check_run_dir,
+    code_version,
     keep_metric_lines_up_to,
     save_train_state,
     write_run_dir,
@@ -405,6 +406,8 @@ def fit(cfg: Config) -> dict[str, Any]:
         "data_wait_share": round(data_wait / max(loop_seconds, 1e-9), 4),
         "resumed_from": str(resumed_from) if resumed_from else None,
         "run_dir": str(run_dir),
+        "code_version": code_version(),
+        "torch_version": torch.__version__,
     }
     if accelerator.is_main_process:
         if cfg.trainer.save_embeddings:

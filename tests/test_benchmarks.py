@@ -1,5 +1,7 @@
 """The benchmark scripts' report plumbing (their timings are not tested: they are measurements)."""
 
+import json
+
 import pytest
 
 from benchmarks.quality import render
@@ -145,3 +147,41 @@ def test_bf16_peak_lookup_prefers_the_specific_name():
     assert bf16_peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert bf16_peak_tflops("Some CPU") is None
     assert wrn_step_flops(1000) == pytest.approx(1.29e12)
+
+
+def _finished_run(folder, objective, seed, test, dev, code_version="def5678"):
+    folder.mkdir(parents=True)
+    summary = {"objective": objective, "seed": seed, "test_accuracy": test, "dev_accuracy": dev, "cpu_threads": 1,
+               "code_version": code_version}
+    (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_study_table__rows_from_summaries_in_seed_order_and_written_between_markers(tmp_path, capsys):
+    from benchmarks.study_table import main
+
+    for seed, (test, dev) in enumerate([(0.50, 0.40), (0.70, 0.60), (0.60, 0.50)]):
+        _finished_run(tmp_path / "a" / f"dmssl-s{seed}", "dmssl", seed, test, dev)
+    _finished_run(tmp_path / "b" / "sscl-s0", "sscl", 0, 0.55, None)
+    page = tmp_path / "page.md"
+    page.write_text("top\n<!-- s:start -->\nold\n<!-- s:end -->\nbottom\n")
+    main(["--row", "ramp", str(tmp_path / "a" / "dmssl-s*"), "--row", "-", str(tmp_path / "b" / "sscl-s0"),
+          "--commit", "abc1234", "--write", str(page), "--section", "s"])
+    text = page.read_text()
+    assert "old" not in text and text.startswith("top\n") and text.endswith("bottom\n")
+    assert "at commit abc1234" in text
+    assert "| ramp | dmssl | 50.00 +- 10.00 | **60.00 +- 10.00** | 3 | 50.0, 70.0, 60.0 |" in text
+    assert "| - | sscl | - | **55.00 +- 0.00** | 1 | 55.0 |" in text
+    main(["--row", "-", str(tmp_path / "b" / "sscl-s0"), "--write", str(page), "--section", "s"])
+    assert "at commit def5678;" in page.read_text()
+
+
+def test_study_table__refuses_an_unfinished_run_and_a_row_of_two_objectives(tmp_path):
+    from benchmarks.study_table import main
+
+    (tmp_path / "running").mkdir()
+    with pytest.raises(SystemExit, match="no summary.json"):
+        main(["--row", "x", str(tmp_path / "running")])
+    _finished_run(tmp_path / "a", "dmssl", 0, 0.5, 0.5)
+    _finished_run(tmp_path / "b", "sscl", 1, 0.5, 0.5)
+    with pytest.raises(SystemExit, match="mixes objectives"):
+        main(["--row", "x", str(tmp_path / "a"), str(tmp_path / "b")])

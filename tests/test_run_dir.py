@@ -13,6 +13,7 @@ from dmssl.recipe import resolve
 from dmssl.run_dir import (
     append_json_line,
     check_run_dir,
+    code_version,
     keep_metric_lines_up_to,
     run_identity,
     save_train_state,
@@ -76,3 +77,24 @@ def test_save_train_state__names_by_step_and_keeps_the_newest(tmp_path):
     files = list_checkpoints(tmp_path / "checkpoints")
     assert [p.name for p in files] == ["step_00000002.pt", "step_00000003.pt"]
     assert load_checkpoint(files[-1])["step"] == 3
+
+
+def test_code_version__the_checkouts_commit_or_the_package_version_without_git(monkeypatch):
+    import subprocess
+
+    import dmssl
+    from dmssl import run_dir
+
+    checkout = run_dir.Path(run_dir.__file__).resolve().parent.parent
+    if (checkout / ".git").exists():
+        head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert code_version().split("+")[0] == head
+    else:
+        assert code_version() == dmssl.__version__
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(run_dir.subprocess, "run", no_git)
+    assert code_version() == dmssl.__version__
