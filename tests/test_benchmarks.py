@@ -185,3 +185,35 @@ def test_study_table__refuses_an_unfinished_run_and_a_row_of_two_objectives(tmp_
     _finished_run(tmp_path / "b", "sscl", 1, 0.5, 0.5)
     with pytest.raises(SystemExit, match="mixes objectives"):
         main(["--row", "x", str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_matching_gradient__scales_with_lambda_and_refuses_a_run_without_matching(tmp_path):
+    import dmssl
+    from benchmarks import matching_gradient
+
+    common = dict(trainer__max_steps=2, trainer__eval_every=2, trainer__progress_bar=False,
+                  trainer__save_embeddings=False, data__batch_size=8, data__mu=2, data__num_workers=0)
+    run = dmssl.fit("quickstart", output_dir=str(tmp_path / "dm"), **common)
+    points = matching_gradient.measure_run(run.run_dir, batches=1)
+    assert [p["step"] for p in points] == [0, 2]  # the untrained model, then the run's one checkpoint
+    for p in points:
+        assert p["grad_rest"] > 0 and p["grad_dm"] > 0 and -1 <= p["cosine"] <= 1
+        assert p["ratio"] == pytest.approx(p["grad_dm"] / p["grad_rest"])
+
+    # The same step with the weight doubled: the matching gradient doubles, the rest stays.
+    cfg = matching_gradient.read_run_config(run.run_dir)
+    adapter = matching_gradient.build_adapter(cfg)
+    data = matching_gradient.split_run_data(adapter.load(), cfg)
+    objective = matching_gradient.objective_from_config(cfg, data.num_classes)
+    model = matching_gradient.SSLModel(adapter.build_encoder(), data.num_classes, cfg.model.proj_hidden_dim,
+                                       cfg.model.proj_dim)
+    steps = matching_gradient.StepDataset(adapter, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
+                                          [y for _, y in data.pool], 8, 2, objective.unlabeled_views, 1, 0)
+    once = matching_gradient.measure_step(model, objective, steps[0], 0)
+    objective.options.lambda_dm *= 2
+    twice = matching_gradient.measure_step(model, objective, steps[0], 0)
+    assert twice["grad_dm"] == pytest.approx(2 * once["grad_dm"]) and twice["grad_rest"] == pytest.approx(once["grad_rest"])
+
+    sscl = dmssl.fit("quickstart", objective__name="sscl", output_dir=str(tmp_path / "sscl"), **common)
+    with pytest.raises(dmssl.ConfigError, match="only for 'dmssl'"):
+        matching_gradient.measure_run(sscl.run_dir, batches=1)
