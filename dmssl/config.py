@@ -68,6 +68,7 @@ class ModelConfig:
     depth: int | None = None  # encoder depth; None = the encoder's default
     proj_hidden_dim: int = 128
     proj_dim: int = 128  # embedding width: where prototypes, contrast and matching live
+    prototype_init: Literal["random", "labeled_mean"] = "random"  # labeled_mean: class means of the labeled embeddings
 
     def validate(self) -> None:
         _positive("model.width", self.width)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmssl.modality import Batch
+from dmssl.modality import Batch, Modality
 
 
 class SSLModel(nn.Module):
@@ -59,3 +59,24 @@ class SSLModel(nn.Module):
         if self.classifier is not None:
             return self.forward(batch, with_logits=True)[1].argmax(dim=1)
         return (self.forward(batch) @ self.prototypes.T).argmax(dim=1)
+
+
+@torch.no_grad()
+def init_prototypes_from_labeled(model: SSLModel, adapter: Modality, samples: list, labels: list[int],
+                                 batch_size: int = 256) -> None:
+    """Prototype k := the normalised mean embedding (test views, eval mode) of the labeled samples of class k.
+
+    With a pretrained encoder the first pseudo-labels then come from a nearest-class-mean classifier on the
+    labeled data rather than from random directions; a class without labeled samples keeps its random
+    prototype. Deterministic and free of random draws, so a resumed run (which loads the prototypes from
+    its checkpoint anyway) stays bit-exact.
+    """
+    was_training = model.training
+    model.eval()
+    parts = [model(adapter.collate([adapter.test_view(s) for s in samples[i: i + batch_size]]))
+             for i in range(0, len(samples), batch_size)]
+    model.train(was_training)
+    z, y = torch.cat(parts).float(), torch.as_tensor(labels)
+    for k in range(model.prototype_weights.shape[0]):
+        if (y == k).any():
+            model.prototype_weights[k] = F.normalize(z[y == k].mean(dim=0), dim=0).to(model.prototype_weights)

@@ -136,7 +136,7 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         near = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"{key}={value!r} is not allowed{hint} Allowed: {', '.join(map(str, args))}")
+        raise ConfigError(f"{key}={value!r} is not allowed{hint}; allowed: {', '.join(map(str, args))}")
     if origin is list:
         if isinstance(value, str):
             text = value.strip()

@@ -39,7 +39,7 @@ from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, se
 from dmssl.errors import ConfigError, TrainingDiverged
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
-from dmssl.model import SSLModel
+from dmssl.model import SSLModel, init_prototypes_from_labeled
 from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import choose_precision
 from dmssl.run_dir import (
@@ -264,6 +264,8 @@ def fit(cfg: Config) -> dict[str, Any]:
     objective = objective_from_config(cfg, data.num_classes)
     model = SSLModel(adapter.build_encoder(), data.num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
                      linear_head=objective.head == "linear")
+    if cfg.model.prototype_init == "labeled_mean":  # before the EMA copies the model; a resume overwrites it
+        init_prototypes_from_labeled(model, adapter, data.labeled, data.labeled_labels, cfg.data.eval_batch_size)
     if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.trainer)

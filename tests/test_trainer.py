@@ -93,3 +93,37 @@ def test_train_state__round_trip_and_a_foreign_split_is_refused():
                              torch.optim.SGD(nn.Linear(5, 2).parameters(), lr=0.1), nn.Module(), [1, 2, 3])
     with pytest.raises(CheckpointError, match="does not fit this run's model"):
         wrong_shape.load_state_dict(saved, source="step_7.pt")
+
+
+def test_init_prototypes_from_labeled__class_means_without_random_draws_and_keeps_the_mode():
+    from dmssl.model import SSLModel, init_prototypes_from_labeled
+
+    class Identity(nn.Module):
+        feature_dim = 4
+
+        def forward(self, x):
+            return x
+
+    class Adapter:  # the two adapter methods the initialisation uses
+        def test_view(self, sample):
+            return torch.tensor(sample, dtype=torch.float32)
+
+        def collate(self, views):
+            return torch.stack(views)
+
+    torch.manual_seed(0)
+    model = SSLModel(Identity(), num_classes=3, proj_hidden_dim=8, proj_dim=4)
+    samples = [[1.0, 0, 0, 0], [2.0, 0.5, 0, 0], [0, 0, 3.0, 0], [0, 0, 1.0, 1.0]]
+    labels = [0, 0, 1, 1]  # no sample of class 2
+    untouched = model.prototypes[2].clone()
+    model.train()
+    rng = torch.get_rng_state()
+    init_prototypes_from_labeled(model, Adapter(), samples, labels, batch_size=3)
+    assert torch.equal(torch.get_rng_state(), rng) and model.training
+    with torch.no_grad():
+        model.eval()
+        z = model(torch.tensor(samples))
+    for k in (0, 1):
+        expected = torch.nn.functional.normalize(z[torch.tensor(labels) == k].mean(dim=0), dim=0)
+        assert torch.allclose(model.prototypes[k], expected, atol=1e-6)
+    assert torch.equal(model.prototypes[2], untouched)
