@@ -1,6 +1,7 @@
 """How much the matching term moves the encoder: its gradient against the rest of the loss, in a dmssl run.
 
-    python benchmarks/matching_gradient.py runs/qs-dmssl [--batches 8] [--json out.json]
+    python benchmarks/matching_gradient.py runs/qs-dmssl [--batches 8] [--json out.json] [--write docs/results.md]
+    python benchmarks/matching_gradient.py --from-json out.json --write docs/results.md   # render a saved report
 
 For the untrained model (the run's seed) and for every checkpoint of the run, on the run's own training
 steps that follow it: the distance D, the weight it enters the loss with (lambda_dm times the ramp), and
@@ -23,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from benchmarks.speed import write_section  # noqa: E402
 from dmssl.checkpoint import list_checkpoints, load_checkpoint  # noqa: E402
 from dmssl.classifier import read_run_config  # noqa: E402
 from dmssl.data import StepDataset, check_raw_data  # noqa: E402
@@ -91,18 +93,41 @@ def measure_run(run_dir: Path, batches: int) -> list[dict[str, Any]]:
     return points
 
 
+def markdown(report: dict[str, list[dict[str, Any]]]) -> str:
+    lines = ["| run | step | D | weight | gradient norm: lambda * D | the rest | ratio | cosine | mask rate |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for run, points in report.items():
+        for p in points:
+            lines.append(f"| `{run}` | {p['step']} | {p['distance']:+.4f} | {p['weight']:.2f} | {p['grad_dm']:.4f} | "
+                         f"{p['grad_rest']:.3f} | **{p['ratio']:.3f}** | {p['cosine']:+.3f} | {p['mask_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dirs", type=Path, nargs="+", help="finished (or checkpointed) dmssl run folders")
+    parser.add_argument("run_dirs", type=Path, nargs="*", help="finished (or checkpointed) dmssl run folders")
     parser.add_argument("--batches", type=int, default=8, help="training steps measured per point (medians)")
     parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--from-json", type=Path, help="render an earlier --json report instead of measuring")
+    parser.add_argument("--write", type=Path, help="put the table into the `matching-gradient` section of this markdown file")
     args = parser.parse_args(argv)
+    if args.from_json:
+        report = json.loads(args.from_json.read_text(encoding="utf-8"))
+        print(markdown(report))
+        if args.write:
+            write_section(args.write, "matching-gradient", markdown(report))
+        return
+    if not args.run_dirs:
+        parser.error("name at least one run folder (or --from-json REPORT)")
     report = {}
     for run_dir in args.run_dirs:
         print(run_dir)
         report[str(run_dir)] = measure_run(run_dir, args.batches)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
+    print(markdown(report))
+    if args.write:
+        write_section(args.write, "matching-gradient", markdown(report))
 
 
 if __name__ == "__main__":

@@ -214,6 +214,14 @@ def test_matching_gradient__scales_with_lambda_and_refuses_a_run_without_matchin
     twice = matching_gradient.measure_step(model, objective, steps[0], 0)
     assert twice["grad_dm"] == pytest.approx(2 * once["grad_dm"]) and twice["grad_rest"] == pytest.approx(once["grad_rest"])
 
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"runs/x": points}))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- matching-gradient:start -->\n<!-- matching-gradient:end -->\n")
+    matching_gradient.main(["--from-json", str(report), "--write", str(page)])
+    rows = [line for line in page.read_text().splitlines() if line.startswith("| `runs/x` |")]
+    assert len(rows) == 2 and f"**{points[1]['ratio']:.3f}**" in rows[1]
+
     sscl = dmssl.fit("quickstart", objective__name="sscl", output_dir=str(tmp_path / "sscl"), **common)
     with pytest.raises(dmssl.ConfigError, match="only for 'dmssl'"):
         matching_gradient.measure_run(sscl.run_dir, batches=1)
