@@ -48,8 +48,11 @@ def cosine(a: tuple[torch.Tensor | None, ...], b: tuple[torch.Tensor | None, ...
 def measure_step(model: SSLModel, objective: DistributionMatching, batch: dict[str, Any], step: int) -> dict[str, float]:
     """The two gradients at one training step, on the encoder's parameters (the head has no matching gradient)."""
     params = [p for p in model.encoder.parameters() if p.requires_grad]
-    z = model(batch["inputs"])
-    emb = split_step(z, batch, objective.unlabeled_views, model.prototypes, None)
+    if objective.needs_features:  # dm_space=features
+        z, features = model(batch["inputs"], with_features=True)
+    else:
+        z, features = model(batch["inputs"]), None
+    emb = split_step(z, batch, objective.unlabeled_views, model.prototypes, None, features)
     rest, pseudo, mask, _ = objective.contrastive(emb)
     distance = objective.match(emb, pseudo, mask, step)
     warmup = objective.options.dm_warmup_steps

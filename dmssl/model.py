@@ -35,15 +35,22 @@ class SSLModel(nn.Module):
     def prototypes(self) -> torch.Tensor:
         return F.normalize(self.prototype_weights, dim=1)
 
-    def forward(self, batch: Batch, with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """batch -> (B, proj_dim) unit embeddings; with `with_logits`, also the linear classifier's (B, K) logits."""
+    def forward(self, batch: Batch, with_logits: bool = False,
+                with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """batch -> (B, proj_dim) unit embeddings z; with `with_logits`, also the linear classifier's (B, K)
+        logits; with `with_features`, also the encoder's (B, feature_dim) features: (z, [logits], [features])."""
         features = self.encoder(batch)
         z = F.normalize(self.head(features).float(), dim=1)
-        if not with_logits:
+        if not (with_logits or with_features):
             return z
-        if self.classifier is None:
-            raise ValueError("with_logits=True needs a model built with linear_head=True")
-        return z, self.classifier(features).float()
+        out = [z]
+        if with_logits:
+            if self.classifier is None:
+                raise ValueError("with_logits=True needs a model built with linear_head=True")
+            out.append(self.classifier(features).float())
+        if with_features:
+            out.append(features.float())
+        return tuple(out)
 
     def class_logits(self, batch: Batch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(embeddings z, (B, K) logits): the linear classifier's where there is one, else z . p / temperature,

@@ -55,10 +55,14 @@ class StepEmbeddings:
     labeled_logits: torch.Tensor | None = None
     weak_logits: torch.Tensor | None = None
     strong_logits: list[torch.Tensor] = field(default_factory=list)
+    # The encoder's features (not normalised) of the same parts, for objectives whose `needs_features` is true.
+    labeled_features: torch.Tensor | None = None
+    weak_features: torch.Tensor | None = None
+    strong_features: list[torch.Tensor] = field(default_factory=list)
 
 
 def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], prototypes: torch.Tensor,
-               logits: torch.Tensor | None = None) -> StepEmbeddings:
+               logits: torch.Tensor | None = None, features: torch.Tensor | None = None) -> StepEmbeddings:
     """Cut a step's rows (labeled first, then each unlabeled view, in the order StepDataset built them)."""
     b = batch["labels"].shape[0]
     u = int(batch["num_unlabeled"])
@@ -74,6 +78,8 @@ def split_step(z: torch.Tensor, batch: dict[str, Any], views: tuple[str, ...], p
                          unlabeled_targets=batch["unlabeled_targets"] if views else None)
     if logits is not None:
         emb.labeled_logits, emb.weak_logits, emb.strong_logits = parts_of(logits)
+    if features is not None:
+        emb.labeled_features, emb.weak_features, emb.strong_features = parts_of(features)
     return emb
 
 
@@ -106,6 +112,11 @@ class Objective(nn.Module):
     unlabeled_views: ClassVar[tuple[str, ...]] = ()
     needs_distance: ClassVar[bool] = False
     head: ClassVar[str] = "prototype"  # or "linear": the model gets a linear classifier on encoder features
+
+    @property
+    def needs_features(self) -> bool:
+        """Whether forward reads the encoder's features (StepEmbeddings.*_features) besides the embeddings."""
+        return False
 
     def __init__(self, options: Any, num_classes: int, distance: Distance | None = None,
                  pseudo_labeller: PseudoLabeller | None = None, seed: int = 0) -> None:
@@ -283,6 +294,7 @@ class DistributionMatchingOptions(ContrastiveOptions):
     class_conditional: bool = False  # match labeled class k to unlabeled pseudo-labeled k
     dm_warmup_steps: int = 0  # ramp lambda_dm linearly from 0 over this many steps
     labeled_memory: int = 0  # also match the last N labeled embeddings (detached, FIFO); 0: this step's only
+    dm_space: Literal["projection", "features"] = "projection"  # match the unit embeddings z, or the encoder's features
 
     def validate(self) -> None:
         super().validate()
@@ -304,6 +316,10 @@ class DistributionMatching(SemiSupervisedContrastive):
     the last N labeled embeddings (from earlier steps, detached, as HSR's memory of 128) to that side,
     so the labeled distribution is estimated from more draws. The gradient still flows through this
     step's embeddings only. The memory is a buffer: checkpoints carry it.
+
+    `dm_space` = "features" matches the encoder's features (before the projection head) instead of the
+    unit embeddings z: the matching gradient then reaches the encoder without passing through the head,
+    and the kernel sees the space the classifier's input lives in rather than the contrastive sphere.
     """
 
     Options = DistributionMatchingOptions
@@ -329,17 +345,27 @@ class DistributionMatching(SemiSupervisedContrastive):
         self.memory = torch.cat([self.memory.to(labeled), labeled.detach()])[-size:]
         self.memory_labels = torch.cat([self.memory_labels.to(labels.device), labels])[-size:]
 
-    def unlabeled_for_matching(self, emb: StepEmbeddings) -> torch.Tensor:
-        assert emb.weak is not None
+    @property
+    def needs_features(self) -> bool:
+        return self.options.dm_space == "features"
+
+    def sides_for_matching(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labeled, unlabeled) rows in the matching space; the unlabeled views that `dm_views` picks."""
+        if self.needs_features:
+            labeled, weak, strong = emb.labeled_features, emb.weak_features, emb.strong_features
+            assert labeled is not None, "dm_space=features needs split_step(..., features=...)"
+        else:
+            labeled, weak, strong = emb.labeled, emb.weak, emb.strong
+        assert weak is not None
         if self.options.dm_views == "weak":
-            return emb.weak
+            return labeled, weak
         if self.options.dm_views == "strong":
-            return torch.cat(emb.strong)
-        return torch.cat([emb.weak, *emb.strong])
+            return labeled, torch.cat(strong)
+        return labeled, torch.cat([weak, *strong])
 
     def match(self, emb: StepEmbeddings, pseudo: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
-        labeled = gather_with_grad(emb.labeled)
-        unlabeled = gather_with_grad(self.unlabeled_for_matching(emb))
+        labeled, unlabeled = self.sides_for_matching(emb)
+        labeled, unlabeled = gather_with_grad(labeled), gather_with_grad(unlabeled)
         labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
         if self.options.labeled_memory:
             current, current_labels = labeled, labels
@@ -388,11 +414,12 @@ def run_objective(model: Any, objective: Objective, batch: dict[str, Any], step:
 
     `model` may be wrapped (DDP, autocast); `prototypes` are the unwrapped model's.
     """
-    if objective.head == "linear":
-        z, logits = model(batch["inputs"], with_logits=True)
-    else:
-        z, logits = model(batch["inputs"]), None
-    return objective(split_step(z, batch, objective.unlabeled_views, prototypes, logits), step)
+    linear, features = objective.head == "linear", objective.needs_features
+    out = model(batch["inputs"], with_logits=linear, with_features=features)
+    z, rest = (out[0], out[1:]) if linear or features else (out, ())
+    logits = rest[0] if linear else None
+    feats = rest[-1] if features else None
+    return objective(split_step(z, batch, objective.unlabeled_views, prototypes, logits, feats), step)
 
 
 def objective_from_config(cfg: Config, num_classes: int) -> Objective:

@@ -195,6 +195,8 @@ def test_matching_gradient__scales_with_lambda_and_refuses_a_run_without_matchin
                   trainer__save_embeddings=False, data__batch_size=8, data__mu=2, data__num_workers=0)
     run = dmssl.fit("quickstart", output_dir=str(tmp_path / "dm"), **common)
     points = matching_gradient.measure_run(run.run_dir, batches=1)
+    in_features = dmssl.fit("quickstart", objective__dm_space="features", output_dir=str(tmp_path / "dmf"), **common)
+    assert matching_gradient.measure_run(in_features.run_dir, batches=1)[1]["grad_dm"] > 0
     assert [p["step"] for p in points] == [0, 2]  # the untrained model, then the run's one checkpoint
     for p in points:
         assert p["grad_rest"] > 0 and p["grad_dm"] > 0 and -1 <= p["cosine"] <= 1

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from dmssl.distances import build_distance
 from dmssl.losses import align_distribution, masked_cross_entropy, prototype_logits, pseudo_labels, weighted_supcon
-from dmssl.objective import OBJECTIVES, StepEmbeddings, build_objective
+from dmssl.objective import OBJECTIVES, StepEmbeddings, build_objective, split_step
 from dmssl.pseudo_label import FixedThreshold
 
 
@@ -217,3 +217,46 @@ def test_dmssl__labeled_memory_adds_earlier_steps_detached_and_survives_a_checkp
     plain = build_objective("dmssl", None, 3, build_distance("mmd"))
     plain(first, 0)
     assert plain.memory.numel() == 0
+
+
+def test_dmssl__features_space_matches_the_encoder_features_and_bypasses_the_head():
+    from dmssl.model import SSLModel
+    from dmssl.objective import run_objective
+
+    emb = embeddings()
+    emb.labeled_features, emb.weak_features = torch.randn(6, 5) * 3, torch.randn(8, 5) * 3
+    emb.strong_features = [torch.randn(8, 5), torch.randn(8, 5)]
+    distance = build_distance("mmd")
+    options = OBJECTIVES.get("dmssl").Options(dm_space="features", lambda_dm=2.0)
+    objective = build_objective("dmssl", options, 3, distance)
+    assert objective.needs_features and not build_objective("dmssl", None, 3, distance).needs_features
+    sscl = build_objective("sscl", None, 3)(emb, 0).loss
+    total = objective(emb, 0).loss
+    assert float(total) == pytest.approx(float(sscl) + 2.0 * float(distance(emb.labeled_features, emb.weak_features)),
+                                         rel=1e-5)
+
+    # Through a model: the step's features reach the objective, and only the matching term's gradient is
+    # checked here: the encoder gets it, the projection head does not.
+    class Encoder(torch.nn.Module):
+        feature_dim = 5
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    torch.manual_seed(0)
+    model = SSLModel(Encoder(), num_classes=3, proj_hidden_dim=8, proj_dim=6)
+    batch = {"inputs": torch.randn(6 + 3 * 8, 4), "labels": torch.arange(6) % 3, "num_unlabeled": 8,
+             "unlabeled_targets": torch.full((8,), -1)}
+    options = OBJECTIVES.get("dmssl").Options(dm_space="features", lambda_dm=1.0)
+    objective = build_objective("dmssl", options, 3, distance)
+    out = run_objective(model, objective, batch, 0, model.prototypes)
+    z, features = model(batch["inputs"], with_features=True)
+    assert torch.allclose(out.logs["distance"], distance(features[:6], features[6:14]), atol=1e-6)
+    emb = split_step(z, batch, objective.unlabeled_views, model.prototypes, None, features)
+    grads = torch.autograd.grad(objective.match(emb, *objective.pseudo_label(emb)[:2], 0),
+                                [model.encoder.layer.weight, model.head[0].weight], allow_unused=True)
+    assert grads[0] is not None and grads[0].abs().sum() > 0 and grads[1] is None
