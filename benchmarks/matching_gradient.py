@@ -31,7 +31,7 @@ from dmssl.data import StepDataset, check_raw_data  # noqa: E402
 from dmssl.errors import ConfigError  # noqa: E402
 from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.model import SSLModel  # noqa: E402
-from dmssl.objective import DistributionMatching, objective_from_config, split_step  # noqa: E402
+from dmssl.objective import DistributionMatching, embed_step, objective_from_config  # noqa: E402
 from dmssl.train_state import TrainState  # noqa: E402
 from dmssl.trainer import EMA, build_optimizer, split_run_data  # noqa: E402
 
@@ -48,15 +48,10 @@ def cosine(a: tuple[torch.Tensor | None, ...], b: tuple[torch.Tensor | None, ...
 def measure_step(model: SSLModel, objective: DistributionMatching, batch: dict[str, Any], step: int) -> dict[str, float]:
     """The two gradients at one training step, on the encoder's parameters (the head has no matching gradient)."""
     params = [p for p in model.encoder.parameters() if p.requires_grad]
-    if objective.needs_features:  # dm_space=features
-        z, features = model(batch["inputs"], with_features=True)
-    else:
-        z, features = model(batch["inputs"]), None
-    emb = split_step(z, batch, objective.unlabeled_views, model.prototypes, None, features)
+    emb = embed_step(model, objective, batch, model.prototypes)
     rest, pseudo, mask, _ = objective.contrastive(emb)
     distance = objective.match(emb, pseudo, mask, step)
-    warmup = objective.options.dm_warmup_steps
-    weight = objective.options.lambda_dm * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+    weight = objective.matching_weight(step)
     g_rest = torch.autograd.grad(rest, params, retain_graph=True, allow_unused=True)
     # The gradient of D itself: at a zero weight (the start of a ramp) its direction still says what it would do.
     g_dm = torch.autograd.grad(distance, params, allow_unused=True)

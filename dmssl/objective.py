@@ -386,13 +386,17 @@ class DistributionMatching(SemiSupervisedContrastive):
                 terms.append(self.distance(x, y, generator=generator))
         return torch.stack(terms).mean() if terms else labeled.sum() * 0.0
 
+    def matching_weight(self, step: int) -> float:
+        """lambda_dm at `step`: ramped linearly from 0 over `dm_warmup_steps`."""
+        warmup = self.options.dm_warmup_steps
+        return self.options.lambda_dm * (min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
     def forward(self, emb: StepEmbeddings, step: int) -> ObjectiveOutput:
         loss, pseudo, mask, logs = self.contrastive(emb)
-        ramp = min(1.0, (step + 1) / self.options.dm_warmup_steps) if self.options.dm_warmup_steps else 1.0
         distance = self.match(emb, pseudo, mask, step)
-        loss = loss + self.options.lambda_dm * ramp * distance
-        logs.update(loss=loss.detach(), distance=distance.detach(),
-                    loss_dm=(self.options.lambda_dm * ramp * distance).detach())
+        weighted = self.matching_weight(step) * distance
+        loss = loss + weighted
+        logs.update(loss=loss.detach(), distance=distance.detach(), loss_dm=weighted.detach())
         return ObjectiveOutput(loss, logs)
 
 
@@ -408,18 +412,24 @@ def build_objective(name: str, options: Any = None, num_classes: int = 2, distan
     return cls(options if options is not None else cls.Options(), num_classes, distance, pseudo_labeller, seed)
 
 
-def run_objective(model: Any, objective: Objective, batch: dict[str, Any], step: int,
-                  prototypes: torch.Tensor) -> ObjectiveOutput:
-    """One forward pass of `model` over every row of the step, cut into its parts, through the objective.
+def embed_step(model: Any, objective: Objective, batch: dict[str, Any], prototypes: torch.Tensor) -> StepEmbeddings:
+    """One forward pass of `model` over every row of the step, cut into its parts, with the linear head's
+    logits and the encoder's features where `objective` reads them.
 
     `model` may be wrapped (DDP, autocast); `prototypes` are the unwrapped model's.
     """
     linear, features = objective.head == "linear", objective.needs_features
-    out = model(batch["inputs"], with_logits=linear, with_features=features)
-    z, rest = (out[0], out[1:]) if linear or features else (out, ())
-    logits = rest[0] if linear else None
-    feats = rest[-1] if features else None
-    return objective(split_step(z, batch, objective.unlabeled_views, prototypes, logits, feats), step)
+    if not (linear or features):
+        return split_step(model(batch["inputs"]), batch, objective.unlabeled_views, prototypes)
+    z, *extra = model(batch["inputs"], with_logits=linear, with_features=features)
+    return split_step(z, batch, objective.unlabeled_views, prototypes, extra[0] if linear else None,
+                      extra[-1] if features else None)
+
+
+def run_objective(model: Any, objective: Objective, batch: dict[str, Any], step: int,
+                  prototypes: torch.Tensor) -> ObjectiveOutput:
+    """The objective on one step's forward pass (`embed_step`)."""
+    return objective(embed_step(model, objective, batch, prototypes), step)
 
 
 def objective_from_config(cfg: Config, num_classes: int) -> Objective:

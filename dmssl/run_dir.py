@@ -48,6 +48,7 @@ def code_version() -> str:
     Recorded in summary.json so that a results table can name the code each of its runs ran at.
     """
     checkout = Path(__file__).resolve().parent.parent
+
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
