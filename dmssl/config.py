@@ -38,6 +38,9 @@ class DataConfig:
     train_split: str = "train"
     test_split: str = "test"
     unlabeled_split: str | None = None  # a split of unlabeled rows, e.g. IMDB's "unsupervised"
+    # A shift between labeled and unlabeled data (docs/distances.md): groups are the adapter's (e.g. speakers).
+    labeled_groups: list[str] | None = None  # draw the labeled split only from these groups; None: all
+    target_groups: list[str] | None = None  # the unlabeled pool, dev and test come only from these; None: all
 
     def validate(self) -> None:
         if self.num_labels is not None and self.labels_per_class is not None:
@@ -56,6 +59,9 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.dev_size < 0:
             raise ConfigError(f"data.dev_size={self.dev_size} must be >= 0")
+        for key in ("labeled_groups", "target_groups"):
+            if getattr(self, key) is not None and not getattr(self, key):
+                raise ConfigError(f"data.{key}=[] names no group; list at least one, or leave it unset (all groups)")
 
 
 

@@ -67,6 +67,24 @@ def split_dev(labels: Sequence[int], labeled: Sequence[int], size: int, seed: in
     return sorted(candidates[int(j)] for j in order)
 
 
+def in_groups(groups: Sequence[str] | None, wanted: Sequence[str] | None, key: str) -> list[bool]:
+    """Which samples belong to one of the `wanted` groups (all of them when `wanted` is None).
+
+    `key` names the setting in errors: a wanted group the data does not have is a typo, not an empty split.
+    """
+    if wanted is None:
+        return [True] * (len(groups) if groups is not None else 0)
+    if groups is None:
+        raise DataError(f"{key}={list(wanted)} needs a group per sample, and this data has none; the audio adapter "
+                        "derives groups from file names with modality.group_pattern (docs/distances.md)")
+    known = sorted(set(groups))
+    unknown = [g for g in wanted if g not in known]
+    if unknown:
+        raise DataError(f"{key} names unknown groups {unknown}; allowed: {', '.join(known)}")
+    chosen = set(wanted)
+    return [g in chosen for g in groups]
+
+
 def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:
     """A fixed random subset of range(n) of `size` (all of it when size is None or >= n), in order."""
     if size is None or size >= n:
@@ -186,6 +204,9 @@ def check_raw_data(raw: RawData) -> None:
         raise DataError(f"need at least 2 classes, found {k}: {raw.class_names}")
     if len(raw.train) != len(raw.train_labels) or len(raw.test) != len(raw.test_labels):
         raise DataError("the adapter returned samples and labels of different lengths")
+    if (raw.train_groups is not None and len(raw.train_groups) != len(raw.train)) or \
+            (raw.test_groups is not None and len(raw.test_groups) != len(raw.test)):
+        raise DataError("the adapter returned samples and groups of different lengths")
     if len(raw.train) == 0:
         raise DataError("the training set is empty")
     if len(raw.test) == 0:

@@ -59,6 +59,8 @@ class RawData:
         test_labels: class index per test sample (all known).
         class_names: one name per class; `len(class_names)` is the number of classes.
         unlabeled: extra samples with no label at all (e.g. IMDB's 50k `unsup` reviews).
+        train_groups, test_groups: optional group name per sample (e.g. the speaker of a clip), for
+            `data.labeled_groups` / `data.target_groups`: labeled data from some groups, the rest from others.
     """
 
     train: Sequence[Any]
@@ -67,6 +69,8 @@ class RawData:
     test_labels: list[int]
     class_names: list[str]
     unlabeled: Sequence[Any] = field(default_factory=list)
+    train_groups: list[str] | None = None
+    test_groups: list[str] | None = None
 
     @property
     def num_classes(self) -> int:

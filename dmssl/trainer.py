@@ -35,8 +35,17 @@ from torch.utils.data import DataLoader
 from dmssl.checkpoint import load_checkpoint, load_latest_valid
 from dmssl.classifier import write_model_description
 from dmssl.config import Config, TrainerConfig, config_to_dict, flatten
-from dmssl.data import EvalCollate, EvalDataset, StepDataset, check_raw_data, seeded_subset, split_dev, split_labeled
-from dmssl.errors import ConfigError, TrainingDiverged
+from dmssl.data import (
+    EvalCollate,
+    EvalDataset,
+    StepDataset,
+    check_raw_data,
+    in_groups,
+    seeded_subset,
+    split_dev,
+    split_labeled,
+)
+from dmssl.errors import ConfigError, DataError, TrainingDiverged
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
@@ -171,19 +180,43 @@ class RunData:
 
 
 def split_run_data(raw: RawData, cfg: Config) -> RunData:
-    """Seeded splits of the adapter's data: labeled, dev (outside labeled and pool), pool, test subset."""
-    labeled_idx = split_labeled(raw.train_labels, raw.num_classes, cfg.data.num_labels, cfg.data.labels_per_class,
+    """Seeded splits of the adapter's data: labeled, dev (outside labeled and pool), pool, test subset.
+
+    With `data.labeled_groups` / `data.target_groups` the labeled split comes from some groups and the
+    pool, dev and test from others: the labels of samples outside a side's groups are hidden from
+    that side's draw, so without groups the draws are exactly those of a run without them.
+    """
+    labels = list(raw.train_labels)
+    pool_ids = range(len(raw.train))
+    test_ids = list(range(len(raw.test)))
+    labeled_draw, dev_draw = labels, labels
+    if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
+        source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups")
+        target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups")
+        target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups")
+        labeled_draw = [y if ok else -1 for y, ok in zip(labels, source, strict=True)]
+        dev_draw = [y if ok else -1 for y, ok in zip(labels, target, strict=True)]
+        pool_ids = [i for i in pool_ids if target[i]]
+        test_ids = [i for i in test_ids if target_test[i]]
+        if cfg.data.target_groups is not None and raw.unlabeled:
+            raise DataError("data.target_groups is set, but this data has unlabeled samples with no group; "
+                            "they cannot be placed on either side")
+    labeled_idx = split_labeled(labeled_draw, raw.num_classes, cfg.data.num_labels, cfg.data.labels_per_class,
                                 cfg.seed)
-    dev_idx = split_dev(raw.train_labels, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
+    dev_idx = split_dev(dev_draw, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
     held_out = set(dev_idx)
-    pool = [(raw.train[i], raw.train_labels[i]) for i in range(len(raw.train)) if i not in held_out]
+    pool = [(raw.train[i], raw.train_labels[i]) for i in pool_ids if i not in held_out]
     pool += [(sample, -1) for sample in raw.unlabeled]
+    if not pool:
+        raise DataError("the unlabeled pool is empty: data.target_groups leaves no training sample")
     pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
-    test_idx = seeded_subset(len(raw.test), cfg.data.test_subset, cfg.seed + 11)
+    test_ids = [test_ids[i] for i in seeded_subset(len(test_ids), cfg.data.test_subset, cfg.seed + 11)]
+    if not test_ids:
+        raise DataError("the test set is empty: data.target_groups leaves no test sample")
     return RunData(labeled=[raw.train[i] for i in labeled_idx], labeled_labels=[raw.train_labels[i] for i in labeled_idx],
                    labeled_indices=labeled_idx, dev=[raw.train[i] for i in dev_idx],
                    dev_labels=[raw.train_labels[i] for i in dev_idx], pool=pool,
-                   test=[raw.test[i] for i in test_idx], test_labels=[raw.test_labels[i] for i in test_idx],
+                   test=[raw.test[i] for i in test_ids], test_labels=[raw.test_labels[i] for i in test_ids],
                    class_names=list(raw.class_names))
 
 

@@ -51,6 +51,7 @@ class AudioOptions:
     hop_ms: float = 10.0
     label_pattern: str | None = None  # regex on file names whose first group is the class (else: the folder)
     test_pattern: str | None = None  # regex on file names that marks test files
+    group_pattern: str | None = None  # regex whose first group names a file's group (e.g. its speaker), for data.*_groups
     test_fraction: float = 0.2  # seeded test share when neither folders nor test_pattern say
     max_shift_fraction: float = 0.1
     gain_db: float = 6.0
@@ -80,6 +81,13 @@ class AudioOptions:
                                       r"must capture the class, e.g. '^(\d)_'")
             except re.error as err:
                 raise ConfigError(f"modality.label_pattern={self.label_pattern!r} is not a regex: {err}") from None
+        if self.group_pattern is not None:
+            try:
+                if re.compile(self.group_pattern).groups < 1:
+                    raise ConfigError(f"modality.group_pattern={self.group_pattern!r} has no group: its first group "
+                                      r"must capture the group name, e.g. '^\d_([a-z]+)_'")
+            except re.error as err:
+                raise ConfigError(f"modality.group_pattern={self.group_pattern!r} is not a regex: {err}") from None
         if self.test_pattern is not None:
             try:
                 re.compile(self.test_pattern)
@@ -112,6 +120,9 @@ class AudioModality(Modality):
     # ---------------------------------------------------------------- data
 
     def load(self) -> RawData:
+        if self.options.group_pattern is not None and self.data.dataset != "folder":
+            raise ConfigError(f"modality.group_pattern works on file names, with data.dataset=folder; "
+                              f"data.dataset={self.data.dataset!r} has none")
         if self.data.dataset == "speechcommands":
             raw = load_speech_commands(self.data.root, self.data.cache_dir, self.options.sample_rate, self.num_samples)
         elif self.data.dataset == "hf":
@@ -252,7 +263,9 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
         raise DataError(f"data.root={str(root)!r} does not exist; expected a folder or .tar.gz of audio files")
     pattern = re.compile(label_pattern) if label_pattern else None
     test_pattern = re.compile(opts.test_pattern) if opts.test_pattern else None
+    group_pattern = re.compile(opts.group_pattern) if opts.group_pattern else None
     items: list[tuple[torch.Tensor, str, str | None]] = []  # (wave, label, split from folders)
+    groups: list[str] = []
     skipped = unlabeled_names = 0
     for parts, data in iter_data_files(root, AUDIO_SUFFIXES):
         name = parts[-1]
@@ -276,6 +289,12 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
             continue
         split = "test" if (test_pattern and test_pattern.search(name)) or "test" in parts[:-1] else \
             "train" if "train" in parts[:-1] or test_pattern else None
+        if group_pattern is not None:
+            found = group_pattern.search(name)
+            if not found or not found.groups():
+                raise DataError(f"{name} does not match modality.group_pattern={opts.group_pattern!r}; every file "
+                                "needs a group when groups are asked for")
+            groups.append(found.group(1))
         items.append((fit_length(wave, length), label, split))
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable or empty audio files under {root}", stacklevel=2)
@@ -295,8 +314,11 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
     test = [(w, index[c]) for w, c, s in items if s == "test"]
     if not train or not test:
         raise DataError(f"the split of {root} left {len(train)} training and {len(test)} test files; check modality.test_pattern")
+    train_groups = [g for g, (_, _, s) in zip(groups, items, strict=True) if s != "test"] if groups else None
+    test_groups = [g for g, (_, _, s) in zip(groups, items, strict=True) if s == "test"] if groups else None
     return RawData(train=[w for w, _ in train], train_labels=[y for _, y in train], test=[w for w, _ in test],
-                   test_labels=[y for _, y in test], class_names=classes)
+                   test_labels=[y for _, y in test], class_names=classes, train_groups=train_groups,
+                   test_groups=test_groups)
 
 
 def load_hf_audio(data: Any, opts: AudioOptions, length: int) -> RawData:

@@ -111,3 +111,75 @@ def test_fit__dev_split_is_evaluated_and_never_trained_on(tmp_path, monkeypatch)
     assert summary["num_unlabeled"] == 1297 - 100
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all("dev_accuracy" in r and "test_accuracy" in r for r in records)
+
+
+def grouped_raw(unlabeled=()):
+    """Synthetic: 4 classes x 3 groups x 10 samples; sample i is the integer i, so splits can be read back."""
+    from dmssl.modality import RawData
+
+    train = list(range(120))
+    labels = [i % 4 for i in train]
+    groups = [("a", "b", "c")[(i // 4) % 3] for i in train]
+    test = list(range(1000, 1060))
+    return RawData(train=train, train_labels=labels, test=test, test_labels=[i % 4 for i in test],
+                   class_names=["w", "x", "y", "z"], unlabeled=list(unlabeled),
+                   train_groups=groups, test_groups=[("a", "b", "c")[(i // 4) % 3] for i in test])
+
+
+def grouped_config(*overrides):
+    from dmssl.recipe import resolve
+
+    return resolve(["recipe=quickstart", "data.labels_per_class=2", "data.dev_size=12", *overrides])
+
+
+def test_split_run_data__groups_put_labels_on_one_side_and_the_rest_on_the_other():
+    from dmssl.trainer import split_run_data
+
+    raw = grouped_raw()
+    group_of = dict(zip(raw.train, raw.train_groups, strict=True)) | dict(zip(raw.test, raw.test_groups, strict=True))
+    data = split_run_data(raw, grouped_config("data.labeled_groups=[a]", "data.target_groups=[b,c]"))
+    assert {group_of[s] for s in data.labeled} == {"a"} and sorted(data.labeled_labels) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert {group_of[s] for s in data.dev} == {"b", "c"} and len(data.dev) == 12
+    assert {group_of[s] for s, _ in data.pool} == {"b", "c"} and len(data.pool) == 80 - 12
+    assert not {s for s, _ in data.pool} & set(data.dev)
+    assert {group_of[s] for s in data.test} == {"b", "c"} and len(data.test) == 40
+    # labeled groups only: the pool, dev and test are everything else, as without groups
+    data = split_run_data(raw, grouped_config("data.labeled_groups=[c]"))
+    assert {group_of[s] for s in data.labeled} == {"c"} and len(data.test) == 60
+    assert len(data.pool) == 120 - 12 and not set(data.labeled) & set(data.dev)
+
+
+def test_split_run_data__without_groups_the_draws_do_not_change():
+    from dmssl.data import seeded_subset, split_dev, split_labeled
+    from dmssl.trainer import split_run_data
+
+    raw = grouped_raw()
+    cfg = grouped_config("seed=3", "data.max_unlabeled=50", "data.test_subset=20")
+    data = split_run_data(raw, cfg)
+    labeled = split_labeled(raw.train_labels, 4, labels_per_class=2, seed=3)
+    dev = split_dev(raw.train_labels, labeled, 12, 8)
+    pool = [i for i in raw.train if i not in dev]
+    assert data.labeled_indices == labeled and data.dev == dev
+    assert [s for s, _ in data.pool] == [pool[i] for i in seeded_subset(len(pool), 50, 10)]
+    assert data.test == [raw.test[i] for i in seeded_subset(60, 20, 14)]
+
+
+@pytest.mark.parametrize(("overrides", "unlabeled", "message"), [
+    (["data.labeled_groups=[a,d]"], (), r"data.labeled_groups names unknown groups \['d'\]; allowed: a, b, c"),
+    (["data.target_groups=[b]"], (7,), "unlabeled samples with no group"),
+])
+def test_split_run_data__group_errors_name_the_setting(overrides, unlabeled, message):
+    from dmssl.trainer import split_run_data
+
+    with pytest.raises(DataError, match=message):
+        split_run_data(grouped_raw(unlabeled), grouped_config(*overrides))
+
+
+def test_split_run_data__groups_asked_of_data_without_them():
+    from dataclasses import replace
+
+    from dmssl.trainer import split_run_data
+
+    with pytest.raises(DataError, match=r"data.target_groups=\['a'\] needs a group per sample.*modality.group_pattern"):
+        split_run_data(replace(grouped_raw(), train_groups=None, test_groups=None),
+                       grouped_config("data.target_groups=[a]"))

@@ -66,6 +66,18 @@ def test_load__labels_from_file_names_and_test_pattern(tmp_path):
     assert sorted(raw.train_labels) == [0] * 4 + [1] * 4 + [2] * 4
 
 
+def test_load__groups_from_file_names(tmp_path):
+    root = make_folder(tmp_path / "clips")
+    for index in range(2, 4):
+        (root / f"0_bob_{index}.wav").write_bytes(wav_bytes(tone(8000, 0.3, freq=300), 8000))
+    raw = adapter(root, group_pattern=r"^\d_([a-z]+)_").load()
+    assert sorted(raw.train_groups) == ["anna"] * 12 + ["bob"] * 2 and raw.test_groups == ["anna"] * 6
+    assert adapter(root).load().train_groups is None
+    (root / "0_Carl_2.wav").write_bytes(wav_bytes(tone(8000, 0.3, freq=300), 8000))
+    with pytest.raises(DataError, match=r"0_Carl_2.wav does not match modality.group_pattern"):
+        adapter(root, group_pattern=r"^\d_([a-z]+)_").load()
+
+
 def test_load__tar_gz_and_unreadable_files_are_counted(tmp_path):
     folder = make_folder(tmp_path / "clips", broken=True)
     archive = tmp_path / "clips.tar.gz"
