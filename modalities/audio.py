@@ -74,25 +74,20 @@ class AudioOptions:
                     "freq_mask_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"modality.{key}={getattr(self, key)} must be in [0, 1)")
-        if self.label_pattern is not None:
+        # (key, what the first capture group must hold, an example); None: the regex needs no group
+        patterns = (("label_pattern", "the class", r"'^(\d)_'"), ("group_pattern", "the group name", r"'^\d_([a-z]+)_'"),
+                    ("test_pattern", None, None))
+        for key, captures, example in patterns:
+            value = getattr(self, key)
+            if value is None:
+                continue
             try:
-                if re.compile(self.label_pattern).groups < 1:
-                    raise ConfigError(f"modality.label_pattern={self.label_pattern!r} has no group: its first group "
-                                      r"must capture the class, e.g. '^(\d)_'")
+                compiled = re.compile(value)
             except re.error as err:
-                raise ConfigError(f"modality.label_pattern={self.label_pattern!r} is not a regex: {err}") from None
-        if self.group_pattern is not None:
-            try:
-                if re.compile(self.group_pattern).groups < 1:
-                    raise ConfigError(f"modality.group_pattern={self.group_pattern!r} has no group: its first group "
-                                      r"must capture the group name, e.g. '^\d_([a-z]+)_'")
-            except re.error as err:
-                raise ConfigError(f"modality.group_pattern={self.group_pattern!r} is not a regex: {err}") from None
-        if self.test_pattern is not None:
-            try:
-                re.compile(self.test_pattern)
-            except re.error as err:
-                raise ConfigError(f"modality.test_pattern={self.test_pattern!r} is not a regex: {err}") from None
+                raise ConfigError(f"modality.{key}={value!r} is not a regex: {err}") from None
+            if captures and compiled.groups < 1:
+                raise ConfigError(f"modality.{key}={value!r} has no group: its first group must capture {captures}, "
+                                  f"e.g. {example}")
         if self.snr_db is not None and (len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]):
             raise ConfigError(f"modality.snr_db={self.snr_db} must be [low, high]")
 
