@@ -24,7 +24,7 @@ class TrainState:
         self.model, self.ema, self.optimizer, self.objective = model, ema, optimizer, objective
         self.labeled_indices = labeled_indices
         self.step = 0
-        self.elapsed_seconds = 0.0  # training time of earlier sessions of this run (resumes add to it)
+        self.elapsed_seconds = 0.0  # training time before the last resume (each resume adds to it)
 
     def state_dict(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
