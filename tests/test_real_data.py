@@ -20,6 +20,24 @@ def test_fsdd_recipe_on_the_real_archive(tmp_path):
     assert summary["num_test"] == 300 and summary["num_labeled"] == 50 and summary["num_unlabeled"] == 2700
 
 
+@pytest.mark.skipif(not FSDD.is_file(), reason="the FSDD archive is not beside the project")
+def test_fsdd_across_speakers(tmp_path):
+    from dmssl.modality import build_adapter
+    from dmssl.trainer import split_run_data
+
+    cfg = resolve(["recipe=audio_fsdd", f"data.root={FSDD}", "data.batch_size=4", *COMMON, "data.dev_size=100",
+                   r"modality.group_pattern=^\d_([a-z]+)_", "data.labeled_groups=[jackson,nicolas,theo]",
+                   "data.target_groups=[yweweler,george,lucas]", f"output_dir={tmp_path}"])
+    raw = build_adapter(cfg).load()
+    data = split_run_data(raw, cfg)
+    speaker = {id(w): g for w, g in zip(raw.train, raw.train_groups, strict=True)}
+    assert {speaker[id(w)] for w in data.labeled} <= {"jackson", "nicolas", "theo"}
+    assert {speaker[id(w)] for w, _ in data.pool} | {speaker[id(w)] for w in data.dev} == {"yweweler", "george", "lucas"}
+    summary = fit(cfg)
+    # 3 target speakers: 450 training clips each, 100 of them held out for dev; 50 test clips each
+    assert summary["num_labeled"] == 50 and summary["num_unlabeled"] == 1350 - 100 and summary["num_test"] == 150
+
+
 @pytest.mark.skipif(not CIFAR.is_file(), reason="the CIFAR-10 archive is not beside the project")
 def test_cifar10_recipe_on_the_real_archive(tmp_path):
     summary = fit(resolve(["recipe=image_cifar10", f"data.root={CIFAR}", "model.encoder=small_cnn", "data.batch_size=8",
