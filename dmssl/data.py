@@ -67,13 +67,13 @@ def split_dev(labels: Sequence[int], labeled: Sequence[int], size: int, seed: in
     return sorted(candidates[int(j)] for j in order)
 
 
-def in_groups(groups: Sequence[str] | None, wanted: Sequence[str] | None, key: str) -> list[bool]:
-    """Which samples belong to one of the `wanted` groups (all of them when `wanted` is None).
+def in_groups(groups: Sequence[str] | None, wanted: Sequence[str] | None, key: str, n: int) -> list[bool]:
+    """Which of n samples belong to one of the `wanted` groups (all of them when `wanted` is None).
 
     `key` names the setting in errors: a wanted group the data does not have is a typo, not an empty split.
     """
     if wanted is None:
-        return [True] * (len(groups) if groups is not None else 0)
+        return [True] * n
     if groups is None:
         raise DataError(f"{key}={list(wanted)} needs a group per sample, and this data has none; the audio adapter "
                         "derives groups from file names with modality.group_pattern (docs/distances.md)")

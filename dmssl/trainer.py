@@ -191,9 +191,9 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     test_ids = list(range(len(raw.test)))
     labeled_draw, dev_draw = labels, labels
     if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
-        source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups")
-        target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups")
-        target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups")
+        source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups", len(raw.train))
+        target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups", len(raw.train))
+        target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test))
         labeled_draw = [y if ok else -1 for y, ok in zip(labels, source, strict=True)]
         dev_draw = [y if ok else -1 for y, ok in zip(labels, target, strict=True)]
         pool_ids = [i for i in pool_ids if target[i]]

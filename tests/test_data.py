@@ -147,6 +147,10 @@ def test_split_run_data__groups_put_labels_on_one_side_and_the_rest_on_the_other
     data = split_run_data(raw, grouped_config("data.labeled_groups=[c]"))
     assert {group_of[s] for s in data.labeled} == {"c"} and len(data.test) == 60
     assert len(data.pool) == 120 - 12 and not set(data.labeled) & set(data.dev)
+    # an adapter that groups only its training samples can still restrict the labeled side
+    from dataclasses import replace
+
+    assert len(split_run_data(replace(raw, test_groups=None), grouped_config("data.labeled_groups=[c]")).test) == 60
 
 
 def test_split_run_data__without_groups_the_draws_do_not_change():
