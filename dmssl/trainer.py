@@ -186,16 +186,15 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     pool, dev and test from others: the labels of samples outside a side's groups are hidden from
     that side's draw, so without groups the draws are exactly those of a run without them.
     """
-    labels = list(raw.train_labels)
     pool_ids = range(len(raw.train))
     test_ids = list(range(len(raw.test)))
-    labeled_draw, dev_draw = labels, labels
+    labeled_draw = dev_draw = raw.train_labels
     if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
         source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups", len(raw.train))
         target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups", len(raw.train))
         target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test))
-        labeled_draw = [y if ok else -1 for y, ok in zip(labels, source, strict=True)]
-        dev_draw = [y if ok else -1 for y, ok in zip(labels, target, strict=True)]
+        labeled_draw = [y if ok else -1 for y, ok in zip(raw.train_labels, source, strict=True)]
+        dev_draw = [y if ok else -1 for y, ok in zip(raw.train_labels, target, strict=True)]
         pool_ids = [i for i in pool_ids if target[i]]
         test_ids = [i for i in test_ids if target_test[i]]
         if cfg.data.target_groups is not None and raw.unlabeled:

@@ -259,8 +259,7 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
     pattern = re.compile(label_pattern) if label_pattern else None
     test_pattern = re.compile(opts.test_pattern) if opts.test_pattern else None
     group_pattern = re.compile(opts.group_pattern) if opts.group_pattern else None
-    items: list[tuple[torch.Tensor, str, str | None]] = []  # (wave, label, split from folders)
-    groups: list[str] = []
+    items: list[tuple[torch.Tensor, str, str | None, str | None]] = []  # (wave, label, split from folders, group)
     skipped = unlabeled_names = 0
     for parts, data in iter_data_files(root, AUDIO_SUFFIXES):
         name = parts[-1]
@@ -274,6 +273,13 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
             if len(parts) < 2:
                 raise DataError(f"{name} is not in a class folder; put files in <class>/ folders or set modality.label_pattern")
             label = parts[-2]
+        group = None
+        if group_pattern is not None:  # before decoding: a name without a group fails fast
+            found = group_pattern.search(name)
+            if not found or not found.groups():
+                raise DataError(f"{name} does not match modality.group_pattern={opts.group_pattern!r}; every file "
+                                "needs a group when groups are asked for")
+            group = found.group(1)
         try:
             wave = decode_audio(data, opts.sample_rate)
         except Exception:  # soundfile raises several types for broken files
@@ -284,13 +290,7 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
             continue
         split = "test" if (test_pattern and test_pattern.search(name)) or "test" in parts[:-1] else \
             "train" if "train" in parts[:-1] or test_pattern else None
-        if group_pattern is not None:
-            found = group_pattern.search(name)
-            if not found or not found.groups():
-                raise DataError(f"{name} does not match modality.group_pattern={opts.group_pattern!r}; every file "
-                                "needs a group when groups are asked for")
-            groups.append(found.group(1))
-        items.append((fit_length(wave, length), label, split))
+        items.append((fit_length(wave, length), label, split, group))
     if skipped:
         warnings.warn(f"skipped {skipped} unreadable or empty audio files under {root}", stacklevel=2)
     if unlabeled_names:
@@ -299,21 +299,21 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
     if not items:
         raise DataError(f"no readable, labeled audio files under {root} (skipped {skipped} unreadable, "
                         f"{unlabeled_names} not matching modality.label_pattern)")
-    classes = sorted({label for _, label, _ in items}, key=lambda c: (len(c), c))
+    classes = sorted({label for _, label, _, _ in items}, key=lambda c: (len(c), c))
     index = {c: i for i, c in enumerate(classes)}
-    if all(split is None for _, _, split in items):
+    if all(split is None for _, _, split, _ in items):
         order = torch.randperm(len(items), generator=torch.Generator().manual_seed(0)).tolist()
         test_ids = set(order[: max(1, int(round(opts.test_fraction * len(items))))])
-        items = [(w, c, "test" if i in test_ids else "train") for i, (w, c, _) in enumerate(items)]
-    train = [(w, index[c]) for w, c, s in items if s != "test"]
-    test = [(w, index[c]) for w, c, s in items if s == "test"]
+        items = [(w, c, "test" if i in test_ids else "train", g) for i, (w, c, _, g) in enumerate(items)]
+    train = [(w, index[c], g) for w, c, s, g in items if s != "test"]
+    test = [(w, index[c], g) for w, c, s, g in items if s == "test"]
     if not train or not test:
         raise DataError(f"the split of {root} left {len(train)} training and {len(test)} test files; check modality.test_pattern")
-    train_groups = [g for g, (_, _, s) in zip(groups, items, strict=True) if s != "test"] if groups else None
-    test_groups = [g for g, (_, _, s) in zip(groups, items, strict=True) if s == "test"] if groups else None
-    return RawData(train=[w for w, _ in train], train_labels=[y for _, y in train], test=[w for w, _ in test],
-                   test_labels=[y for _, y in test], class_names=classes, train_groups=train_groups,
-                   test_groups=test_groups)
+    grouped = group_pattern is not None
+    return RawData(train=[w for w, _, _ in train], train_labels=[y for _, y, _ in train], test=[w for w, _, _ in test],
+                   test_labels=[y for _, y, _ in test], class_names=classes,
+                   train_groups=[g for _, _, g in train] if grouped else None,
+                   test_groups=[g for _, _, g in test] if grouped else None)
 
 
 def load_hf_audio(data: Any, opts: AudioOptions, length: int) -> RawData:
