@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -183,6 +184,19 @@ class Modality(ABC):
         """Loading an export that holds `folder` (written by `export_encoder`): build the encoder from it, so
         that the export needs nothing else (text: the tokenizer and architecture come from the folder)."""
         return None  # adapters without an exported encoder rebuild it from the config
+
+
+def check_pattern(key: str, value: str | None, captures: str | None = None, example: str | None = None) -> None:
+    """A `modality.<key>` regex option: it must compile, and where `captures` says what its first group holds
+    (a class, a group name), it must have one. Adapters call it from their options' `validate`."""
+    if value is None:
+        return
+    try:
+        compiled = re.compile(value)
+    except re.error as err:
+        raise ConfigError(f"modality.{key}={value!r} is not a regex: {err}") from None
+    if captures and compiled.groups < 1:
+        raise ConfigError(f"modality.{key}={value!r} has no group: its first group must capture {captures}, e.g. {example}")
 
 
 # ---------------------------------------------------------------- finding and building adapters

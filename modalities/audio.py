@@ -35,7 +35,7 @@ from torch import nn
 
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import iter_data_files
-from dmssl.modality import Modality, RawData
+from dmssl.modality import Modality, RawData, check_pattern
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -74,20 +74,9 @@ class AudioOptions:
                     "freq_mask_fraction"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"modality.{key}={getattr(self, key)} must be in [0, 1)")
-        # (key, what the first capture group must hold, an example); None: the regex needs no group
-        patterns = (("label_pattern", "the class", r"'^(\d)_'"), ("group_pattern", "the group name", r"'^\d_([a-z]+)_'"),
-                    ("test_pattern", None, None))
-        for key, captures, example in patterns:
-            value = getattr(self, key)
-            if value is None:
-                continue
-            try:
-                compiled = re.compile(value)
-            except re.error as err:
-                raise ConfigError(f"modality.{key}={value!r} is not a regex: {err}") from None
-            if captures and compiled.groups < 1:
-                raise ConfigError(f"modality.{key}={value!r} has no group: its first group must capture {captures}, "
-                                  f"e.g. {example}")
+        check_pattern("label_pattern", self.label_pattern, "the class", r"'^(\d)_'")
+        check_pattern("group_pattern", self.group_pattern, "the group name", r"'^\d_([a-z]+)_'")
+        check_pattern("test_pattern", self.test_pattern)
         if self.snr_db is not None and (len(self.snr_db) != 2 or self.snr_db[0] > self.snr_db[1]):
             raise ConfigError(f"modality.snr_db={self.snr_db} must be [low, high]")
 

@@ -17,6 +17,7 @@ Data sources (`data.dataset`):
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch import nn
 
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import cache_file, file_identity, iter_data_files, write_npz_atomic
-from dmssl.modality import Modality, RawData
+from dmssl.modality import Modality, RawData, check_pattern
 from modalities.image_augment import cutout, rand_augment, random_crop, random_hflip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -48,8 +49,12 @@ class ImageOptions:
     cutout_fraction: float = 0.5  # side of the Cutout square as a fraction of the image size
     image_column: str = "image"  # data.dataset=hf: the column of images (a datasets.Image feature, or bytes/paths)
     label_column: str = "label"  # data.dataset=hf: the column of class labels
+    # a regex on a file's path inside data.root ('/'-separated); its first group names the file's group (e.g. a
+    # domain folder, '^([^/]+)/'), for data.labeled_groups / data.target_groups; image folders only
+    group_pattern: str | None = None
 
     def validate(self) -> None:
+        check_pattern("group_pattern", self.group_pattern, "the group name", "'^([^/]+)/' for <group>/train/<class>/*")
         if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"modality.image_size={self.image_size} must be >= 4")
         if not 0 <= self.pad_fraction <= 0.5:
@@ -85,13 +90,17 @@ class ImageModality(Modality):
             raw = load_hf_images(self.data, self.options)
         elif source in ("cifar10", "cifar100", "folder"):
             if self.data.root:
-                raw = load_image_folder(Path(self.data.root), self.options.image_size, self.data.cache_dir)
+                raw = load_image_folder(Path(self.data.root), self.options.image_size, self.data.cache_dir,
+                                        self.options.group_pattern)
             elif source == "folder":
                 raise DataError("data.dataset=folder needs data.root: a folder or .tar.gz with train/<class>/* and test/<class>/*")
             else:
                 raw = load_torchvision_cifar(source, self.data.cache_dir)
         else:
             raise ConfigError(f"data.dataset={source!r} is not an image source; allowed: cifar10, cifar100, folder, digits, hf")
+        if self.options.group_pattern is not None and raw.train_groups is None:
+            raise ConfigError(f"modality.group_pattern works on the file paths of an image folder (data.root); "
+                              f"data.dataset={source!r} without one has none")
         first = raw.train[0]
         self.in_channels = int(first.shape[0])
         self.image_shape = (int(first.shape[1]), int(first.shape[2]))
@@ -274,36 +283,47 @@ def load_hf_images(data: Any, opts: ImageOptions) -> RawData:
                    test_labels=columns.test_labels, class_names=columns.class_names, unlabeled=train[len(columns.train):])
 
 
-def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> RawData:
+def load_image_folder(root: Path, size: int | None, cache_dir: str | None, group_pattern: str | None = None) -> RawData:
     """An image-folder tree train/<class>/* and test/<class>/* (at any depth inside `root`).
 
-    Decoded arrays are cached (keyed by path, size and modification time), so the second run skips
-    decoding. Unreadable files are skipped with a warning that counts them.
+    Decoded arrays are cached (keyed by path, size, group pattern and modification time), so the second run
+    skips decoding. Unreadable files are skipped with a warning that counts them. With `group_pattern`, each
+    file's group is the first group of the regex on its path inside `root` (checked before decoding).
     """
     if not root.exists():
         raise DataError(f"data.root={str(root)!r} does not exist; expected a folder or .tar.gz with train/<class>/* and test/<class>/*")
-    cache = cache_file(cache_dir, "images", file_identity(root), size)
+    cache = cache_file(cache_dir, "images", file_identity(root), size, *([group_pattern] if group_pattern else []))
     if cache.is_file():
         with np.load(cache) as stored:
             return _raw_from_arrays(stored)
 
-    splits: dict[str, tuple[list[np.ndarray], list[str]]] = {"train": ([], []), "test": ([], [])}
+    splits: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
+    grouping = re.compile(group_pattern) if group_pattern else None
     unreadable = 0
     for parts, data in iter_data_files(root, IMAGE_SUFFIXES):
         split_at = [i for i, p in enumerate(parts[:-2]) if p in splits]
         if not split_at:
             continue
         split, label = parts[split_at[-1]], parts[split_at[-1] + 1]
+        if grouping is not None:
+            path = "/".join(parts)
+            found = grouping.search(path)
+            if not found or found.group(1) is None:
+                raise DataError(f"{path} does not match modality.group_pattern={group_pattern!r}; every image needs "
+                                "a group when groups are asked for")
+            splits[split][2].append(found.group(1))
         try:
             array = _decode(data, size)
         except Exception:  # PIL raises many types for broken files
             unreadable += 1
+            if grouping is not None:
+                splits[split][2].pop()
             continue
         splits[split][0].append(array)
         splits[split][1].append(label)
     if unreadable:
         warnings.warn(f"skipped {unreadable} unreadable image files under {root}", stacklevel=2)
-    for split, (images, _) in splits.items():
+    for split, (images, _, _) in splits.items():
         if not images:
             raise DataError(f"no readable images under {root} in {split}/<class>/ (layout: train/<class>/*.png, test/<class>/*.png)")
     shapes = {a.shape for a in splits["train"][0] + splits["test"][0]}
@@ -319,14 +339,22 @@ def load_image_folder(root: Path, size: int | None, cache_dir: str | None) -> Ra
         "test_x": np.stack(splits["test"][0]), "test_y": np.array([index[c] for c in splits["test"][1]]),
         "classes": np.array(classes),
     }
+    if grouping is not None:
+        arrays.update(train_groups=np.array(splits["train"][2]), test_groups=np.array(splits["test"][2]))
     write_npz_atomic(cache, arrays)
     return _raw_from_arrays(arrays)
 
 
 def _raw_from_arrays(arrays: Any) -> RawData:
+    grouped = "train_groups" in arrays
+
+    def groups(split: str) -> list[str] | None:
+        return [str(g) for g in arrays[f"{split}_groups"]] if grouped else None
+
     return RawData(train=torch.from_numpy(arrays["train_x"]), train_labels=arrays["train_y"].tolist(),
                    test=torch.from_numpy(arrays["test_x"]), test_labels=arrays["test_y"].tolist(),
-                   class_names=[str(c) for c in arrays["classes"]])
+                   class_names=[str(c) for c in arrays["classes"]], train_groups=groups("train"),
+                   test_groups=groups("test"))
 
 
 # ---------------------------------------------------------------- encoders

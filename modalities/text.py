@@ -56,6 +56,8 @@ class TextOptions:
     test_files: list[str] = field(default_factory=list)  # explicit test files (with train_files)
     text_column: str = "text"
     label_column: str = "label"
+    # a column naming each train and test row's group (e.g. its domain), for data.labeled_groups / target_groups
+    group_column: str | None = None
     class_names: list[str] = field(default_factory=list)  # names for label 0, 1, ...; default "0", "1", ...
     weak_dropout: float = 0.0  # weak view: drop each token with this probability
     mask_prob: float = 0.1  # strong view: replace a token by the mask token
@@ -147,13 +149,14 @@ class TextModality(Modality):
         if cache is not None and cache.is_file():
             return raw_from_cache(cache)
         rows = self.read_rows()
-        train, train_labels = self.to_samples(rows["train"], "train")
-        test, test_labels = self.to_samples(rows["test"], "test")
-        unlabeled, _ = self.to_samples(rows.get("unsup", []), "unsup", labeled=False)
+        train, train_labels, train_groups = self.to_samples(rows["train"], "train")
+        test, test_labels, test_groups = self.to_samples(rows["test"], "test")
+        unlabeled, _, _ = self.to_samples(rows.get("unsup", []), "unsup", labeled=False)
         if any(y < 0 for y in test_labels):
             raise DataError("the test set has rows with label -1; every test row needs its label")
         raw = RawData(train=train, train_labels=train_labels, test=test, test_labels=test_labels,
-                      class_names=self.class_names(train_labels + test_labels), unlabeled=unlabeled)
+                      class_names=self.class_names(train_labels + test_labels), unlabeled=unlabeled,
+                      train_groups=train_groups, test_groups=test_groups)
         if cache is not None:
             write_cache(cache, raw)
         return raw
@@ -180,7 +183,8 @@ class TextModality(Modality):
         opts = self.options
         return cache_file(self.data.cache_dir, "text", [file_identity(f) for f in files],
                           resolve_model_path(self.options.pretrained or DEFAULT_MODEL), opts.max_length, opts.text_column,
-                          opts.label_column, opts.paraphrase_column, opts.class_names)
+                          opts.label_column, opts.paraphrase_column, opts.class_names,
+                          *([opts.group_column] if opts.group_column else []))
 
     def read_rows(self) -> dict[str, list[dict[str, Any]]]:
         data, opts = self.data, self.options
@@ -190,6 +194,9 @@ class TextModality(Modality):
             files = {"train": opts.train_files, "test": opts.test_files, "unsup": opts.unlabeled_files}
             return {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
         if data.dataset == "hf":
+            if opts.group_column is not None:
+                raise ConfigError(f"modality.group_column={opts.group_column!r} works with files (data.root, "
+                                  "modality.train_files); data.dataset=hf reads only the text and label columns")
             return self.read_hf_rows()
         if data.root:
             return read_split_folder(Path(data.root))
@@ -214,9 +221,12 @@ class TextModality(Modality):
         return {"train": rows(columns.train, columns.train_labels), "test": rows(columns.test, columns.test_labels),
                 "unsup": rows(columns.unlabeled, [-1] * len(columns.unlabeled))}
 
-    def to_samples(self, rows: list[dict[str, Any]], split: str, labeled: bool = True) -> tuple[list[TextSample], list[int]]:
+    def to_samples(self, rows: list[dict[str, Any]], split: str,
+                   labeled: bool = True) -> tuple[list[TextSample], list[int], list[str] | None]:
+        """(samples, labels, groups): groups from `modality.group_column` for labeled splits, else None."""
         opts = self.options
-        texts, labels, paraphrases, empty = [], [], [], 0
+        grouped = labeled and opts.group_column is not None
+        texts, labels, paraphrases, groups, empty = [], [], [], [], 0
         for row in rows:
             if opts.text_column not in row:
                 raise DataError(f"{split} rows have no {opts.text_column!r} column (columns: {sorted(row)[:8]}); "
@@ -225,6 +235,12 @@ class TextModality(Modality):
             if not isinstance(text, str) or not text.strip():
                 empty += 1
                 continue
+            if grouped:
+                group = row.get(opts.group_column)
+                if group is None or str(group) == "":
+                    raise DataError(f"a {split} row has no {opts.group_column!r} value (modality.group_column); every "
+                                    f"train and test row needs a group when groups are asked for (row: {text[:60]!r})")
+                groups.append(str(group))
             texts.append(text)
             labels.append(self.label_of(row, split) if labeled else -1)
             paraphrases.append(row.get(opts.paraphrase_column) if opts.paraphrase_column else None)
@@ -235,7 +251,7 @@ class TextModality(Modality):
         alt_ids = iter(self.encode(alt_texts)) if alt_texts else iter([])
         samples = [TextSample(i, next(alt_ids) if isinstance(p, str) and p.strip() else None)
                    for i, p in zip(ids, paraphrases, strict=True)]
-        return samples, labels
+        return samples, labels, groups if grouped else None
 
     def label_of(self, row: dict[str, Any], split: str) -> int:
         column = self.options.label_column
@@ -471,6 +487,8 @@ def load_hub_imdb() -> dict[str, list[dict[str, Any]]]:
 def write_cache(path: Path, raw: RawData) -> None:
     """Token ids as flat int32 arrays with offsets (one npz), written atomically."""
     arrays: dict[str, Any] = {"class_names": np.array(raw.class_names)}
+    if raw.train_groups is not None and raw.test_groups is not None:
+        arrays.update(train_groups=np.array(raw.train_groups), test_groups=np.array(raw.test_groups))
     for split, samples, labels in (("train", raw.train, raw.train_labels), ("test", raw.test, raw.test_labels),
                                    ("unsup", raw.unlabeled, [-1] * len(raw.unlabeled))):
         arrays[f"{split}_labels"] = np.asarray(labels, dtype=np.int64)
@@ -494,6 +512,10 @@ def raw_from_cache(path: Path) -> RawData:
                 out.append(TextSample(ids[offsets[i]: offsets[i + 1]].tolist(), paraphrase))
             return out
 
+        def groups(split: str) -> list[str] | None:
+            return [str(g) for g in stored[f"{split}_groups"]] if f"{split}_groups" in stored else None
+
         return RawData(train=samples("train"), train_labels=stored["train_labels"].tolist(), test=samples("test"),
                        test_labels=stored["test_labels"].tolist(), unlabeled=samples("unsup"),
-                       class_names=[str(c) for c in stored["class_names"]])
+                       class_names=[str(c) for c in stored["class_names"]], train_groups=groups("train"),
+                       test_groups=groups("test"))

@@ -227,3 +227,37 @@ def test_matching_gradient__scales_with_lambda_and_refuses_a_run_without_matchin
     sscl = dmssl.fit("quickstart", objective__name="sscl", output_dir=str(tmp_path / "sscl"), **common)
     with pytest.raises(dmssl.ConfigError, match="only for 'dmssl'"):
         matching_gradient.measure_run(sscl.run_dir, batches=1)
+
+
+@pytest.mark.slow
+def test_linear_probe__fits_on_the_runs_own_splits_and_encodes_each_sample_once(tmp_path):
+    """The probe sees exactly the splits train.py draws for the seed, and learns (well above chance on digits)."""
+    from benchmarks.linear_probe import FeatureCache, main, probe_seed, sample_key
+    from dmssl.modality import build_adapter
+    from dmssl.recipe import resolve
+    from dmssl.trainer import split_run_data
+
+    overrides = ["recipe=quickstart", "data.dev_size=100"]
+    cfg = resolve([*overrides, "seed=0"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    cache = FeatureCache(adapter, 256)
+    encoded = []
+    forward = cache.encoder.forward
+    cache.encoder.forward = lambda batch: encoded.append(len(next(iter(batch.values())) if isinstance(batch, dict) else batch)) or forward(batch)
+    result = probe_seed(overrides, 0, raw, cache, pool_size=200)
+    data = split_run_data(raw, cfg)
+    assert (result["labeled"], result["dev"], result["pool"], result["test"]) == (50, 100, 200, len(data.test))
+    assert result["C"] in (0.01, 0.1, 1.0, 10.0, 100.0) and result["threshold"] in (0.6, 0.75, 0.9)
+    assert result["test_accuracy"]["linear probe"] > 0.3  # 10 classes: chance is 0.1; mismatched labels would sit there
+    assert set(result["test_accuracy"]) == {"linear probe", "self-training", "dev labels as training labels"}
+    unique = {sample_key(s) for s in [*data.labeled, *data.dev, *data.test, *(s for s, _ in data.pool[:200])]}
+    assert sum(encoded) == len(cache.features) == len(unique)
+    probe_seed(overrides, 0, raw, cache, pool_size=200)  # the same seed again: nothing new to encode
+    assert sum(encoded) == len(unique)
+
+    page = tmp_path / "page.md"
+    page.write_text("<!-- probe-x:start -->\nold\n<!-- probe-x:end -->\n")
+    main([*overrides, "--seeds", "0", "--pool", "100", "--write", str(page), "--section", "probe-x"])
+    text = page.read_text()
+    assert "\nold\n" not in text and "| linear probe | 50 labels |" in text and "Chosen on dev: seed 0: C=" in text

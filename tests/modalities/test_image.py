@@ -194,3 +194,48 @@ def test_hf_dataset__a_save_to_disk_folder_of_images_trains_offline(tmp_path):
                                "data.batch_size=6", "data.mu=1", "data.num_workers=0", "trainer.max_steps=3",
                                "trainer.progress_bar=false", f"output_dir={tmp_path / ('run-' + root)}"]))
         assert summary["class_names"] == ["dark", "light"] and summary["num_test"] == 10 and summary["num_labeled"] == 6
+
+
+def test_image_folder__groups_from_paths_and_the_cache_keeps_them(tmp_path):
+    """Synthetic PNGs in <domain>/{train,test}/<class>/: each image's group is its domain folder."""
+    from PIL import Image
+
+    from dmssl.config import DataConfig, ModelConfig
+    from dmssl.errors import DataError
+    from modalities.image import ImageOptions
+
+    root = tmp_path / "data"
+    for domain, level in (("photo", 40), ("sketch", 220)):
+        for split, n in (("train", 3), ("test", 2)):
+            for label in ("cat", "dog"):
+                folder = root / domain / split / label
+                folder.mkdir(parents=True)
+                for i in range(n):
+                    Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(folder / f"{i}.png")
+
+    def load(**options):
+        data = DataConfig(dataset="folder", root=str(root), cache_dir=str(tmp_path / "cache"))
+        return ImageModality(ImageOptions(**options), data, ModelConfig(encoder="small_cnn")).load()
+
+    raw = load(group_pattern=r"^([^/]+)/")
+    assert sorted(set(raw.train_groups)) == ["photo", "sketch"] and len(raw.train_groups) == len(raw.train) == 12
+    # every image's group agrees with its pixels (the two domains differ in brightness)
+    assert all((g == "photo") == (int(x[0, 0, 0]) == 40) for x, g in zip(raw.train, raw.train_groups))
+    assert sorted(raw.test_groups) == ["photo"] * 4 + ["sketch"] * 4
+    cached = load(group_pattern=r"^([^/]+)/")  # from the decode cache, with its groups
+    assert cached.train_groups == raw.train_groups and cached.test_groups == raw.test_groups
+    assert load().train_groups is None  # without a pattern: no groups (and its own cache entry)
+    with pytest.raises(DataError, match=r"does not match modality.group_pattern='\^\(sketch\)/'"):
+        load(group_pattern="^(sketch)/")
+
+
+def test_group_pattern__needs_a_group_and_an_image_folder():
+    from dmssl.config import DataConfig, ModelConfig
+    from dmssl.errors import ConfigError
+    from modalities.image import ImageOptions
+
+    with pytest.raises(ConfigError, match="modality.group_pattern='domain' has no group"):
+        ImageOptions(group_pattern="domain").validate()
+    adapter = ImageModality(ImageOptions(group_pattern="^(x)"), DataConfig(dataset="digits"), ModelConfig(encoder="small_cnn"))
+    with pytest.raises(ConfigError, match="group_pattern works on the file paths of an image folder"):
+        adapter.load()

@@ -238,3 +238,18 @@ def test_hf_dataset__a_save_to_disk_folder_trains_offline(tiny_bert, tmp_path):
                            f"output_dir={tmp_path / 'run'}"]))
     assert summary["class_names"] == ["neg", "pos"] and summary["num_test"] == 8
     assert summary["num_labeled"] == 6 and summary["num_unlabeled"] == 24 + 12
+
+
+def test_load__groups_from_a_column_survive_the_token_cache(tiny_bert, tmp_path):
+    """Synthetic reviews from two shops: group_column names each train and test row's group."""
+    rows = [dict(r, shop="north" if i < 20 else "south") for i, r in enumerate(reviews(40, 0))]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", [dict(r, shop="south") for r in reviews(10, 2)])
+    raw = adapter(tiny_bert, tmp_path, group_column="shop").load()
+    assert raw.train_groups == ["north"] * 20 + ["south"] * 20 and raw.test_groups == ["south"] * 10
+    cached = adapter(tiny_bert, tmp_path, group_column="shop").load()
+    assert cached.train_groups == raw.train_groups and cached.test_groups == raw.test_groups
+    assert adapter(tiny_bert, tmp_path).load().train_groups is None
+    write_jsonl(tmp_path / "test.jsonl", reviews(10, 2))  # test rows without the column
+    with pytest.raises(DataError, match="a test row has no 'shop' value"):
+        adapter(tiny_bert, tmp_path, group_column="shop").load()
