@@ -41,6 +41,9 @@ class DataConfig:
     # A shift between labeled and unlabeled data (docs/distances.md): groups are the adapter's (e.g. speakers).
     labeled_groups: list[str] | None = None  # draw the labeled split only from these groups; None: all
     target_groups: list[str] | None = None  # the unlabeled pool, dev and test come only from these; None: all
+    # A class-mix mismatch: >1 thins the unlabeled pool so that class k keeps n_min * ratio^(-k/(K-1)) samples
+    # (class 0 the most, class K-1 ratio times fewer); the labeled split, dev and test stay as drawn. 1: off.
+    pool_imbalance_ratio: float = 1.0
 
     def validate(self) -> None:
         if self.num_labels is not None and self.labels_per_class is not None:
@@ -59,6 +62,8 @@ class DataConfig:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.dev_size < 0:
             raise ConfigError(f"data.dev_size={self.dev_size} must be >= 0")
+        if not self.pool_imbalance_ratio >= 1.0:  # also refuses NaN
+            raise ConfigError(f"data.pool_imbalance_ratio={self.pool_imbalance_ratio} must be >= 1 (1: the pool as drawn)")
         for key in ("labeled_groups", "target_groups"):
             if getattr(self, key) is not None and not getattr(self, key):
                 raise ConfigError(f"data.{key}=[] names no group; list at least one, or leave it unset (all groups)")

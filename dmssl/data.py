@@ -8,6 +8,7 @@ parallel, and a resumed run rebuilds exactly the steps it would have seen.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from typing import Any
@@ -75,14 +76,36 @@ def in_groups(groups: Sequence[str] | None, wanted: Sequence[str] | None, key: s
     if wanted is None:
         return [True] * n
     if groups is None:
-        raise DataError(f"{key}={list(wanted)} needs a group per sample, and this data has none; the audio adapter "
-                        "derives groups from file names with modality.group_pattern (docs/distances.md)")
+        raise DataError(f"{key}={list(wanted)} needs a group per sample, and this data has none; the audio and image-folder "
+                        "adapters derive groups with modality.group_pattern, the text adapter with modality.group_column "
+                        "(docs/distances.md)")
     known = sorted(set(groups))
     unknown = [g for g in wanted if g not in known]
     if unknown:
         raise DataError(f"{key} names unknown groups {unknown}; allowed: {', '.join(known)}")
     chosen = set(wanted)
     return [g in chosen for g in groups]
+
+
+def long_tailed(labels: Sequence[int], num_classes: int, ratio: float, seed: int) -> list[int]:
+    """Positions of a seeded subset of `labels` whose class counts fall exponentially with the class index.
+
+    n_k = floor(n_min * ratio ** (-k / (K - 1))), n_min the smallest class's count here: class 0 keeps n_min
+    samples, class K-1 n_min / ratio (at least one), the usual long-tailed profile of semi-supervised
+    benchmarks (DARP, CReST). Samples of unknown label (-1) cannot be placed and are an error.
+    """
+    if any(y < 0 for y in labels):
+        raise DataError("data.pool_imbalance_ratio needs the class of every unlabeled-pool sample; this data has "
+                        "unlabeled samples of unknown class")
+    members = [[i for i, y in enumerate(labels) if y == k] for k in range(num_classes)]
+    present = [m for m in members if m]
+    n_min = min(len(m) for m in present)
+    generator = torch.Generator().manual_seed(seed)
+    chosen: list[int] = []
+    for k, m in enumerate(members):
+        keep = max(1, math.floor(n_min * ratio ** (-k / max(num_classes - 1, 1)))) if m else 0
+        chosen += [m[int(j)] for j in torch.randperm(len(m), generator=generator)[:keep]]
+    return sorted(chosen)
 
 
 def seeded_subset(n: int, size: int | None, seed: int) -> list[int]:

@@ -41,6 +41,7 @@ from dmssl.data import (
     StepDataset,
     check_raw_data,
     in_groups,
+    long_tailed,
     seeded_subset,
     split_dev,
     split_labeled,
@@ -184,7 +185,8 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
 
     With `data.labeled_groups` / `data.target_groups` the labeled split comes from some groups and the
     pool, dev and test from others: the labels of samples outside a side's groups are hidden from
-    that side's draw, so without groups the draws are exactly those of a run without them.
+    that side's draw, so without groups the draws are exactly those of a run without them. With
+    `data.pool_imbalance_ratio` > 1 the pool is thinned to a long-tailed class mix (`long_tailed`).
     """
     pool_ids = range(len(raw.train))
     test_ids = list(range(len(raw.test)))
@@ -208,6 +210,9 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     pool += [(sample, -1) for sample in raw.unlabeled]
     if not pool:
         raise DataError("the unlabeled pool is empty: data.target_groups leaves no training sample")
+    if cfg.data.pool_imbalance_ratio > 1.0:
+        kept = long_tailed([y for _, y in pool], raw.num_classes, cfg.data.pool_imbalance_ratio, cfg.seed + 13)
+        pool = [pool[i] for i in kept]
     pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
     test_ids = [test_ids[i] for i in seeded_subset(len(test_ids), cfg.data.test_subset, cfg.seed + 11)]
     if not test_ids:

@@ -71,6 +71,7 @@ CASES = [
      "modality.group_pattern works on file names, with data.dataset=folder"),
     (["recipe=quickstart", "data.labeled_groups=[]"], "data.labeled_groups=[] names no group"),
     (["recipe=quickstart", "modality.group_pattern=^(x)"], "group_pattern works on the file paths of an image folder"),
+    (["recipe=quickstart", "data.pool_imbalance_ratio=0.5"], "data.pool_imbalance_ratio=0.5 must be >= 1"),
     (["recipe=audio_fsdd", "data.label_pattern=^(x)"], "data.label_pattern was renamed: use modality.label_pattern=^(x)"),
     ([*TEXT, "model.name=bert-base-uncased"], "model.name was renamed: use modality.pretrained=bert-base-uncased"),
     ([*Q, "data.mu=-2"], "data.mu=-2"),

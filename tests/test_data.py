@@ -187,3 +187,33 @@ def test_split_run_data__groups_asked_of_data_without_them():
     with pytest.raises(DataError, match=r"data.target_groups=\['a'\] needs a group per sample.*modality.group_pattern"):
         split_run_data(replace(grouped_raw(), train_groups=None, test_groups=None),
                        grouped_config("data.target_groups=[a]"))
+
+
+def test_long_tailed__class_counts_fall_exponentially_and_the_draw_is_seeded():
+    from dmssl.data import long_tailed
+
+    labels = [k for k in range(4) for _ in range(30)] + [0] * 10  # class 0 has 40, the others 30
+    kept = long_tailed(labels, 4, 8.0, seed=1)
+    counts = [sum(labels[i] == k for i in kept) for k in range(4)]
+    assert counts == [30, 15, 7, 3]  # floor(30 * 8 ** (-k / 3)): 30, 15, 7.5, 3.75
+    assert kept == sorted(set(kept)) and kept == long_tailed(labels, 4, 8.0, seed=1)
+    assert kept != long_tailed(labels, 4, 8.0, seed=2)
+    assert [sum(labels[i] == k for i in long_tailed(labels, 4, 1000.0, 0)) for k in range(4)] == [30, 3, 1, 1]
+    with pytest.raises(DataError, match="unknown class"):
+        long_tailed([0, 1, -1], 2, 2.0, seed=0)
+
+
+def test_split_run_data__pool_imbalance_thins_only_the_pool():
+    from dmssl.trainer import split_run_data
+
+    raw = grouped_raw()
+    balanced = split_run_data(raw, grouped_config())
+    tailed = split_run_data(raw, grouped_config("data.pool_imbalance_ratio=10"))
+    assert (tailed.labeled, tailed.dev, tailed.test) == (balanced.labeled, balanced.dev, balanced.test)
+    pool_counts = [sum(y == k for _, y in balanced.pool) for k in range(4)]
+    counts = [sum(y == k for _, y in tailed.pool) for k in range(4)]
+    n_min = min(pool_counts)
+    assert counts == [int(n_min * 10 ** (-k / 3)) for k in range(4)] and counts[0] > counts[3] > 0
+    assert {s for s, _ in tailed.pool} <= {s for s, _ in balanced.pool}
+    with pytest.raises(DataError, match="unknown class"):
+        split_run_data(grouped_raw(unlabeled=(7,)), grouped_config("data.pool_imbalance_ratio=2"))
