@@ -56,3 +56,9 @@ def write_npz_atomic(path: Path, arrays: dict[str, Any]) -> None:
         os.replace(tmp, path)
     except OSError as err:
         warnings.warn(f"could not write the cache {path}: {err}", stacklevel=2)
+
+
+def stored_groups(arrays: Any, split: str) -> list[str] | None:
+    """`<split>_groups` of a cached npz as group names (RawData.train_groups / test_groups); None if not stored."""
+    key = f"{split}_groups"
+    return [str(g) for g in arrays[key]] if key in arrays else None

@@ -199,6 +199,16 @@ def check_pattern(key: str, value: str | None, captures: str | None = None, exam
         raise ConfigError(f"modality.{key}={value!r} has no group: its first group must capture {captures}, e.g. {example}")
 
 
+def group_of(pattern: re.Pattern[str], text: str) -> str:
+    """The first group of `modality.group_pattern` on a file's name or path; a file without one is an error
+    (when groups are asked for, every sample must land on a side)."""
+    found = pattern.search(text)
+    if not found or found.group(1) is None:
+        raise DataError(f"{text} does not match modality.group_pattern={pattern.pattern!r}; every file needs a group "
+                        "when groups are asked for")
+    return found.group(1)
+
+
 # ---------------------------------------------------------------- finding and building adapters
 
 ENTRY_POINT_GROUP = "dmssl.modalities"

@@ -35,7 +35,7 @@ from torch import nn
 
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import iter_data_files
-from dmssl.modality import Modality, RawData, check_pattern
+from dmssl.modality import Modality, RawData, check_pattern, group_of
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -262,13 +262,7 @@ def load_audio_folder(root: Path, opts: AudioOptions, label_pattern: str | None,
             if len(parts) < 2:
                 raise DataError(f"{name} is not in a class folder; put files in <class>/ folders or set modality.label_pattern")
             label = parts[-2]
-        group = None
-        if group_pattern is not None:  # before decoding: a name without a group fails fast
-            found = group_pattern.search(name)
-            if not found or not found.groups():
-                raise DataError(f"{name} does not match modality.group_pattern={opts.group_pattern!r}; every file "
-                                "needs a group when groups are asked for")
-            group = found.group(1)
+        group = group_of(group_pattern, name) if group_pattern is not None else None  # before decoding: fails fast
         try:
             wave = decode_audio(data, opts.sample_rate)
         except Exception:  # soundfile raises several types for broken files

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
-from dmssl.files import cache_file, file_identity, iter_data_files, write_npz_atomic
-from dmssl.modality import Modality, RawData, check_pattern
+from dmssl.files import cache_file, file_identity, iter_data_files, stored_groups, write_npz_atomic
+from dmssl.modality import Modality, RawData, check_pattern, group_of
 from modalities.image_augment import cutout, rand_augment, random_crop, random_hflip
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -305,22 +305,15 @@ def load_image_folder(root: Path, size: int | None, cache_dir: str | None, group
         if not split_at:
             continue
         split, label = parts[split_at[-1]], parts[split_at[-1] + 1]
-        if grouping is not None:
-            path = "/".join(parts)
-            found = grouping.search(path)
-            if not found or found.group(1) is None:
-                raise DataError(f"{path} does not match modality.group_pattern={group_pattern!r}; every image needs "
-                                "a group when groups are asked for")
-            splits[split][2].append(found.group(1))
+        group = group_of(grouping, "/".join(parts)) if grouping is not None else ""  # before decoding: fails fast
         try:
             array = _decode(data, size)
         except Exception:  # PIL raises many types for broken files
             unreadable += 1
-            if grouping is not None:
-                splits[split][2].pop()
             continue
         splits[split][0].append(array)
         splits[split][1].append(label)
+        splits[split][2].append(group)
     if unreadable:
         warnings.warn(f"skipped {unreadable} unreadable image files under {root}", stacklevel=2)
     for split, (images, _, _) in splits.items():
@@ -346,15 +339,10 @@ def load_image_folder(root: Path, size: int | None, cache_dir: str | None, group
 
 
 def _raw_from_arrays(arrays: Any) -> RawData:
-    grouped = "train_groups" in arrays
-
-    def groups(split: str) -> list[str] | None:
-        return [str(g) for g in arrays[f"{split}_groups"]] if grouped else None
-
     return RawData(train=torch.from_numpy(arrays["train_x"]), train_labels=arrays["train_y"].tolist(),
                    test=torch.from_numpy(arrays["test_x"]), test_labels=arrays["test_y"].tolist(),
-                   class_names=[str(c) for c in arrays["classes"]], train_groups=groups("train"),
-                   test_groups=groups("test"))
+                   class_names=[str(c) for c in arrays["classes"]], train_groups=stored_groups(arrays, "train"),
+                   test_groups=stored_groups(arrays, "test"))
 
 
 # ---------------------------------------------------------------- encoders

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
-from dmssl.files import cache_file, file_identity, write_npz_atomic
+from dmssl.files import cache_file, file_identity, stored_groups, write_npz_atomic
 from dmssl.modality import Modality, RawData
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -512,10 +512,7 @@ def raw_from_cache(path: Path) -> RawData:
                 out.append(TextSample(ids[offsets[i]: offsets[i + 1]].tolist(), paraphrase))
             return out
 
-        def groups(split: str) -> list[str] | None:
-            return [str(g) for g in stored[f"{split}_groups"]] if f"{split}_groups" in stored else None
-
         return RawData(train=samples("train"), train_labels=stored["train_labels"].tolist(), test=samples("test"),
                        test_labels=stored["test_labels"].tolist(), unlabeled=samples("unsup"),
-                       class_names=[str(c) for c in stored["class_names"]], train_groups=groups("train"),
-                       test_groups=groups("test"))
+                       class_names=[str(c) for c in stored["class_names"]], train_groups=stored_groups(stored, "train"),
+                       test_groups=stored_groups(stored, "test"))
