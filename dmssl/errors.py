@@ -28,3 +28,7 @@ class TrainingDiverged(UserError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
     exit_code = 3
+
+
+class RunFolderBusy(CheckpointError):
+    """Another live process trains in the run folder (it holds the folder's lock)."""

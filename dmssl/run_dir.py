@@ -8,12 +8,15 @@
     RUN_DIR/embeddings/       a fixed sample's embeddings at the start and the end, for plots
     RUN_DIR/confusion_matrix.json  test counts per (true, predicted) class with the derived metrics
     RUN_DIR/summary.json      written last
+    RUN_DIR/.lock             held by the process that trains in the folder (`RunLock`)
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -26,7 +29,7 @@ from accelerate.utils import send_to_device
 from dmssl.checkpoint import checkpoint_path, prune_checkpoints, save_checkpoint
 from dmssl.config import Config, config_to_dict, flatten
 from dmssl.data import seeded_subset
-from dmssl.errors import CheckpointError
+from dmssl.errors import CheckpointError, RunFolderBusy
 from dmssl.model import SSLModel
 from dmssl.train_state import TrainState
 
@@ -64,11 +67,20 @@ def code_version() -> str:
     return __version__
 
 
+def has_trained(run_dir: Path) -> bool:
+    """Whether a run in the folder got as far as training: a checkpoint or an evaluation. A run that stopped
+    before (bad data, a typo found late) leaves only its config.yaml, which must not block the corrected rerun."""
+    checkpoints = run_dir / "checkpoints"
+    metrics = run_dir / "metrics.jsonl"
+    return (checkpoints.is_dir() and any(checkpoints.iterdir())) or (metrics.is_file() and metrics.stat().st_size > 0)
+
+
 def check_run_dir(cfg: Config) -> Path:
     """The run folder; refuse to mix two different runs in one folder (reads only, on every process)."""
     run_dir = Path(cfg.output_dir or f"runs/{cfg.recipe}-{datetime.now():%Y%m%d-%H%M%S}")
     config_file = run_dir / "config.yaml"
-    if config_file.is_file() and not cfg.overwrite:
+    check_writable_folder(run_dir, "output_dir")
+    if config_file.is_file() and not cfg.overwrite and has_trained(run_dir):
         if cfg.resume == "never":
             raise CheckpointError(
                 f"output_dir={str(run_dir)!r} already holds a run; pass resume=auto to continue it, "
@@ -87,6 +99,66 @@ def check_run_dir(cfg: Config) -> Path:
                 " or pass overwrite=true / another output_dir"
             )
     return run_dir
+
+
+def check_writable_folder(folder: Path, key: str) -> None:
+    """`folder` is, or can become, a folder this process writes in: not a file, not under one, not read-only."""
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {str(existing)!r}, which is a file"
+        raise CheckpointError(f"{key}={str(folder)!r} {where}; give a folder")
+    if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"{key}={str(folder)!r} cannot be written: {str(existing)!r} is read-only for this user")
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains in it (`RUN_DIR/.lock`).
+
+    Two processes in one folder (a requeued job while the first still runs) would interleave their logs
+    and checkpoints; the second stops with `RunFolderBusy`, naming the holder. The lock is the operating
+    system's (`flock`), so a process that dies, even by SIGKILL, releases it: a stale lock file is taken
+    over. `active=False` (the other processes of a multi-process run) holds nothing.
+    """
+
+    FILE = ".lock"
+
+    def __init__(self, run_dir: Path, active: bool = True) -> None:
+        self.path, self.active = run_dir / self.FILE, active
+        self.handle: Any = None
+
+    def __enter__(self) -> RunLock:
+        if not self.active:
+            return self
+        try:
+            import fcntl
+        except ImportError:  # no flock (Windows): nothing to hold
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 - held until __exit__
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunFolderBusy(f"output_dir={str(self.path.parent)!r} is in use by {holder}; wait for it to finish "
+                                "or stop it (resume=auto then continues), or pass another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {datetime.now():%Y-%m-%d %H:%M:%S}\n")
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.truncate(0)
+            self.handle.close()  # closing releases the flock
+            self.handle = None
 
 
 def write_run_dir(cfg: Config, run_dir: Path) -> None:

@@ -25,6 +25,7 @@ class TrainState:
         self.labeled_indices = labeled_indices
         self.step = 0
         self.elapsed_seconds = 0.0  # training time before the last resume (each resume adds to it)
+        self.precision: dict[str, Any] | None = None  # what auto chose (dmssl.precision), kept on resume
 
     def state_dict(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         return {
@@ -37,6 +38,7 @@ class TrainState:
             "elapsed_seconds": self.elapsed_seconds,
             "labeled_indices": self.labeled_indices,
             "config": json.dumps(config, default=str) if config is not None else None,
+            "precision": json.dumps(self.precision) if self.precision is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
@@ -53,3 +55,4 @@ class TrainState:
                                   "pass overwrite=true to start afresh") from None
         torch.set_rng_state(state["rng"])
         self.step, self.elapsed_seconds = int(state["step"]), float(state["elapsed_seconds"])
+        self.precision = json.loads(state["precision"]) if state.get("precision") else None

@@ -21,14 +21,15 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
-from accelerate.utils import send_to_device
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import broadcast_object_list, send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -51,9 +52,10 @@ from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
 from dmssl.objective import objective_from_config, run_objective
-from dmssl.precision import choose_precision
+from dmssl.precision import Stopwatch, choose_precision
 from dmssl.run_dir import (
     EmbeddingSnapshot,
+    RunLock,
     append_json_line,
     check_run_dir,
     code_version,
@@ -271,22 +273,21 @@ def fit(cfg: Config) -> dict[str, Any]:
     """Train as `cfg` says; return the summary also written to `summary.json`."""
     started = time.monotonic()
     run_dir = check_run_dir(cfg)
-    precision = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), cfg.trainer.channels_last)
-    # Accelerate keeps its precision in a process-wide singleton; a second run in one process (a notebook,
-    # a benchmark) may choose another. The process group (PartialState) is left as it is.
-    AcceleratorState._reset_state(reset_partial_state=False)
     # cpu=True on a machine without CUDA lets several processes (torchrun) form a gloo group.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode,
-                              log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with,
-                              project_dir=str(run_dir))
+    process = PartialState(cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed)
-    if cfg.output_dir is None and accelerator.num_processes > 1:
+    if cfg.output_dir is None and process.num_processes > 1:
         raise ConfigError("set output_dir= when training with several processes, so that they share one run folder")
-    accelerator.wait_for_everyone()  # every process has checked before the main one writes
-    if accelerator.is_main_process:
+    with RunLock(run_dir, active=process.is_main_process):
+        return train_in(run_dir, cfg, process, started)
+
+
+def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) -> dict[str, Any]:
+    """The run itself, in its checked and locked folder."""
+    process.wait_for_everyone()  # every process has checked before the main one writes
+    if process.is_main_process:
         write_run_dir(cfg, run_dir)
-    accelerator.wait_for_everyone()
-    accelerator.print(precision.describe())
+    process.wait_for_everyone()
 
     # ==== data: the adapter loads, the core splits ====
     adapter = build_adapter(cfg)
@@ -294,7 +295,7 @@ def fit(cfg: Config) -> dict[str, Any]:
     check_raw_data(raw)
     data = split_run_data(raw, cfg)
 
-    if accelerator.is_main_process:  # what predicting with the trained model needs besides weights and config
+    if process.is_main_process:  # what predicting with the trained model needs besides weights and config
         write_model_description(run_dir, data.class_names, adapter)
 
     # ==== model, objective, optimiser: the training state ====
@@ -303,12 +304,33 @@ def fit(cfg: Config) -> dict[str, Any]:
                      linear_head=objective.head == "linear")
     if cfg.model.prototype_init == "labeled_mean":  # before the EMA copies the model; a resume overwrites it
         init_prototypes_from_labeled(model, adapter, data.labeled, data.labeled_labels, cfg.data.eval_batch_size)
-    if precision.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
+    if cfg.trainer.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.trainer)
     state = TrainState(model, EMA(model, cfg.trainer.ema_decay), optimizer, objective, data.labeled_indices)
     checkpoints = run_dir / "checkpoints"
     resumed_from = resume(state, cfg, checkpoints)
+    steps_data = StepDataset(adapter, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
+                             [y for _, y in data.pool], cfg.data.batch_size, cfg.data.mu, objective.unlabeled_views,
+                             cfg.trainer.max_steps, cfg.seed, process.process_index, process.num_processes)
+
+    # ==== precision: measured on the first real step where auto decides, kept on resume ====
+    measure = (step_timer(model, objective, lambda: steps_data[state.step], state.step, process.device)
+               if state.step < cfg.trainer.max_steps else None)
+    precision = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), cfg.trainer.channels_last,
+                                 measure=measure, recorded=state.precision)
+    if process.num_processes > 1:  # timings differ between processes; all of them compute as the main one chose
+        shared = [precision]
+        broadcast_object_list(shared, from_process=0)
+        precision = shared[0]
+    state.precision = precision.record()
+    # Accelerate keeps its precision in a process-wide singleton; a second run in one process (a notebook,
+    # a benchmark) may choose another. The process group (PartialState) is left as it is.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=precision.mode,
+                              log_with=None if cfg.trainer.log_with == "none" else cfg.trainer.log_with,
+                              project_dir=str(run_dir))
+    accelerator.print(precision.describe())
     if resumed_from:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
     state.ema.module.to(accelerator.device)
@@ -320,9 +342,6 @@ def fit(cfg: Config) -> dict[str, Any]:
         keep_metric_lines_up_to(metrics_file, state.step)
         keep_metric_lines_up_to(train_log, state.step)
 
-    steps_data = StepDataset(adapter, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
-                             [y for _, y in data.pool], cfg.data.batch_size, cfg.data.mu, objective.unlabeled_views,
-                             cfg.trainer.max_steps, cfg.seed, accelerator.process_index, accelerator.num_processes)
     workers = cfg.data.num_workers
     train_loader = DataLoader(steps_data, batch_size=None, sampler=range(state.step, cfg.trainer.max_steps),
                               num_workers=workers, prefetch_factor=4 if workers else None,
@@ -440,6 +459,7 @@ def fit(cfg: Config) -> dict[str, Any]:
         "cpu_threads": torch.get_num_threads(),
         "mixed_precision": accelerator.mixed_precision,
         "precision_reason": precision.reason,
+        "precision_step_seconds": {k: round(v, 6) for k, v in precision.step_seconds.items()},
         "channels_last": precision.channels_last,
         "compiled": cfg.trainer.compile,
         "data_wait_share": round(data_wait / max(loop_seconds, 1e-9), 4),
@@ -485,6 +505,35 @@ def resume(state: TrainState, cfg: Config, checkpoints: Path) -> Path | None:
     path, saved = found
     state.load_state_dict(saved, source=str(path))
     return path
+
+
+def step_timer(model: SSLModel, objective: nn.Module, first_step: Callable[[], dict[str, Any]], step: int,
+               device: torch.device) -> Callable[[str], float]:
+    """`measure(mode) -> seconds` of one forward+backward of the run's first step, for auto's precision probe.
+
+    It runs on copies of the model and objective (their batch-norm statistics and pseudo-label buffers move)
+    inside a forked RNG, so the run itself is the same with or without the probe; only the model's forward
+    is autocast, as Accelerate does in the run. The step's batch is built on first use.
+    """
+    copies: dict[str, Any] = {}
+
+    def measure(mode: str) -> float:
+        if not copies:
+            copies.update(model=copy.deepcopy(model).to(device).train(), objective=copy.deepcopy(objective).to(device),
+                          batch=send_to_device(first_step(), device))
+        probe_model, probe_objective, batch = copies["model"], copies["objective"], copies["batch"]
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
+                return probe_model(*args, **kwargs)
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Stopwatch(device) as watch:
+            out = run_objective(forward, probe_objective, batch, step, probe_model.prototypes)
+            out.loss.backward()
+        probe_model.zero_grad(set_to_none=True)
+        return watch.seconds
+
+    return measure
 
 
 def unwrap(model: nn.Module, accelerator: Accelerator) -> SSLModel:
