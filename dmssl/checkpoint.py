@@ -3,21 +3,24 @@
 A checkpoint is a dict of tensors, numbers, strings and lists (model, EMA, optimizer, RNG state,
 step, elapsed time). It is written to a temporary file in the same folder, flushed to disk, then
 renamed over the final name, so a kill at any moment leaves either the old file or the new one,
-never half of one. Loading uses `torch.load(weights_only=True)`, which refuses pickled code.
+never half of one; a killed writer's temporary file is removed by the next save. Loading uses
+`torch.load(weights_only=True)`, which refuses pickled code. A checkpoint that cannot be read is renamed
+`step_XXXXXXXX.pt.corrupt` (kept for inspection, never counted or loaded again) with a warning.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from dmssl.errors import CheckpointError
+from dmssl.files import temporary_file
 
 NAME = re.compile(r"^step_(\d{8})\.pt$")
 
@@ -29,7 +32,7 @@ def checkpoint_path(folder: Path, step: int) -> Path:
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write `state` to `path` atomically (temporary file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = temporary_file(path)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(state, handle)
@@ -60,17 +63,48 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))  # type: ignore[union-attr]
 
 
-def load_latest_valid(folder: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that loads; corrupt newer ones are reported with a warning and skipped."""
+def set_aside(path: Path, err: CheckpointError) -> None:
+    """Rename an unreadable checkpoint out of the step sequence, with a warning that says where it went."""
+    aside = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, aside)
+        where = f"moved to {aside.name}"
+    except OSError:
+        where = "could not be moved aside"
+    warnings.warn(f"{err}; {where}, falling back to the previous checkpoint", stacklevel=3)
+
+
+def load_latest_valid(folder: Path, move_corrupt: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that loads; corrupt newer ones are set aside (`set_aside`), or, by a reader that
+    must not change the folder (`move_corrupt=False`: predicting, exporting), skipped with a warning."""
     for path in reversed(list_checkpoints(folder)):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as err:
-            warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
+            if move_corrupt:
+                set_aside(path, err)
+            else:
+                warnings.warn(f"{err}; falling back to the previous checkpoint", stacklevel=2)
     return None
 
 
-def prune_checkpoints(folder: Path, keep: int) -> None:
-    """Delete all but the newest `keep` checkpoints."""
-    for path in list_checkpoints(folder)[:-keep]:
-        path.unlink(missing_ok=True)
+def is_readable(path: Path) -> bool:
+    """A cheap whole-file check (every member's CRC of torch's zip format), without unpickling."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None and any(n.endswith("data.pkl") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return False
+
+
+def prune_checkpoints(folder: Path, keep: int, newest: Path | None = None) -> None:
+    """Keep the newest `keep` readable checkpoints and delete older ones; an unreadable one is set aside, not
+    counted (`newest`, just written and known good, is not read again)."""
+    kept = 0
+    for path in reversed(list_checkpoints(folder)):
+        if kept >= keep:
+            path.unlink(missing_ok=True)
+        elif path == newest or is_readable(path):
+            kept += 1
+        else:
+            set_aside(path, CheckpointError(f"checkpoint {str(path)!r} cannot be read"))

@@ -25,9 +25,10 @@ from accelerate.utils import send_to_device
 
 from dmssl.checkpoint import load_latest_valid
 from dmssl.config import Config
-from dmssl.errors import CheckpointError
+from dmssl.errors import CheckpointError, ConfigError
 from dmssl.modality import Modality, build_adapter
 from dmssl.model import SSLModel
+from dmssl.trust import TrustPlugins, check_not_on_import_path
 
 MODEL_FILE = "model.json"  # class names and the adapter's inference state: in run folders and exports
 WEIGHTS_FILE = "model.safetensors"  # exports only
@@ -65,7 +66,7 @@ class Classifier:
 
     def predict_proba(self, samples: Any) -> np.ndarray:
         """(N, K) class probabilities: the softmax of the logits the model was trained with."""
-        return self.proba_of_samples(self.adapter.samples_from(as_list(samples)))
+        return self.proba_of_samples(self.adapter.samples_from(self.adapter.split_batch(samples)))
 
     def embed(self, samples: Any, space: str = "projection") -> np.ndarray:
         """(N, d) embeddings: `projection` (unit-norm, the space of the losses and the matching term) or
@@ -74,7 +75,7 @@ class Classifier:
             raise ValueError(f"space={space!r}; allowed: projection, features")
         parts = []
         with torch.no_grad():
-            for batch in self.batches(self.adapter.samples_from(as_list(samples))):
+            for batch in self.batches(self.adapter.samples_from(self.adapter.split_batch(samples))):
                 out = self.model.encoder(batch) if space == "features" else self.model(batch)
                 parts.append(out.float().cpu())
         return torch.cat(parts).numpy() if parts else np.zeros((0, 0), dtype=np.float32)
@@ -94,36 +95,56 @@ class Classifier:
             yield send_to_device(self.adapter.collate(views), self.device)
 
 
-def as_list(samples: Any) -> list[Any]:
-    """A batch array (N, ...) or tensor becomes its rows; a single string one text; lists stay as they are."""
-    return [samples] if isinstance(samples, str) else list(samples)
-
-
-def read_run_config(folder: Path) -> Config:
-    """The resolved config a run folder or an export holds (config.yaml)."""
+def read_run_config(folder: Path, trust_plugins: TrustPlugins = False) -> Config:
+    """The resolved config a run folder or an export holds (config.yaml); the modules it names are imported
+    only as `trust_plugins` allows (dmssl/trust.py)."""
     from dmssl.recipe import config_from_dict
 
     config_file = folder / "config.yaml"
     if not config_file.is_file():
         raise CheckpointError(f"{str(folder)!r} is not a dmssl run folder or export: it has no config.yaml")
     try:
-        return config_from_dict(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError as err:
-        raise CheckpointError(f"{config_file} is not valid YAML ({err})") from None
+        tree = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{config_file} is not valid YAML text ({type(err).__name__}: {str(err)[:200]})") from None
+    try:
+        return config_from_dict(tree or {}, trust_plugins, source=str(config_file))
+    except ConfigError as err:
+        raise CheckpointError(f"{config_file}: {err}") from None
 
 
-def load(path: str | Path, device: torch.device | str | None = None, batch_size: int = 64) -> Classifier:
-    """A run folder (config.yaml, checkpoints/) or an export (dmssl export) as a `Classifier`."""
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A JSON object from a run folder or an export; a broken or foreign file is a CheckpointError naming it."""
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read as JSON ({type(err).__name__}: {err})") from None
+    if not isinstance(found, dict):
+        raise CheckpointError(f"{path} does not hold a JSON object (it holds a {type(found).__name__})")
+    return found
+
+
+def load(path: str | Path, device: torch.device | str | None = None, batch_size: int = 64,
+         trust_plugins: TrustPlugins = False) -> Classifier:
+    """A run folder (config.yaml, checkpoints/) or an export (dmssl export) as a `Classifier`.
+
+    Loading imports no module the folder's config names (`plugins`, a `module:Class` adapter) unless
+    `trust_plugins` is True or lists it, or it is already imported: see dmssl/trust.py."""
     from dmssl.objective import OBJECTIVES
 
     folder = Path(path)
-    cfg = read_run_config(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{str(folder)!r} is not a folder; give a run folder or an export (dmssl export)")
+    check_not_on_import_path(folder)
+    cfg = read_run_config(folder, trust_plugins)
     weights, step = read_weights(folder)
     adapter = build_adapter(cfg)
     description_file = folder / MODEL_FILE
     if description_file.is_file():
-        description = json.loads(description_file.read_text(encoding="utf-8"))
-        class_names = description["class_names"]
+        description = read_json_file(description_file)
+        class_names = description.get("class_names")
+        if not (isinstance(class_names, list) and class_names and all(isinstance(c, str) for c in class_names)):
+            raise CheckpointError(f"{description_file} names no classes (class_names must be a list of strings)")
         adapter.restore_inference_state(description.get("adapter_state") or {})
     else:  # a run folder written before model.json existed: read the data once for what it says
         raw = adapter.load()
@@ -151,7 +172,7 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
             return load_file(folder / WEIGHTS_FILE), None
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err})") from None
-    found = load_latest_valid(folder / "checkpoints")
+    found = load_latest_valid(folder / "checkpoints", move_corrupt=False)
     if found is None:
         raise CheckpointError(f"{str(folder)!r} has no readable checkpoint in checkpoints/ (nor {WEIGHTS_FILE}): "
                               "train the run (or resume it with resume=auto) until it saves one")

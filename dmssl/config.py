@@ -166,6 +166,12 @@ class TrainerConfig:
             _positive(f"trainer.{key}", getattr(self, key))
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"trainer.grad_clip={self.grad_clip} must be > 0")
+        if not 0 < self.cosine_cycles <= 0.5:  # past half a cycle the cosine is negative: gradient ascent
+            raise ConfigError(f"trainer.cosine_cycles={self.cosine_cycles} must be in (0, 0.5] (0.5 decays the "
+                              "learning rate to 0; FixMatch's 0.4375 to 0.2 of its peak)")
+        if self.momentum < 0 or (self.optimizer == "sgd" and self.nesterov and self.momentum == 0):
+            raise ConfigError(f"trainer.momentum={self.momentum} must be >= 0, and > 0 with trainer.nesterov=true "
+                              "(Nesterov's update needs a momentum); set trainer.nesterov=false for plain SGD")
 
 
 @dataclass
@@ -195,6 +201,8 @@ class Config:
     plugins: list[str] = field(default_factory=list)  # modules imported first: their registered methods become names
 
     def validate(self) -> None:
+        if not 0 <= self.seed < 2**32:  # derived seeds (seed * 1_000_003 + step) must stay inside 64 bits
+            raise ConfigError(f"seed={self.seed} must be in [0, 2**32)")
         for section in (self.data, self.model, self.trainer):
             section.validate()
         for method in (self.objective, self.pseudo_label, self.distance):

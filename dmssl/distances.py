@@ -185,8 +185,9 @@ class MMDOptions:
             KERNELS.get(self.kernel)
         except ConfigError as err:  # the registry's message lists the kernels
             raise ConfigError(f"distance.kernel={self.kernel!r}: {err}") from None
-        if self.bandwidths is not None and any(b <= 0 for b in self.bandwidths):
-            raise ConfigError(f"distance.bandwidths={self.bandwidths} must all be > 0")
+        if self.bandwidths is not None and (not self.bandwidths or any(b <= 0 for b in self.bandwidths)):
+            raise ConfigError(f"distance.bandwidths={self.bandwidths} must be null (the median heuristic) or a "
+                              "non-empty list of values > 0")
         if not self.median_scales or any(s <= 0 for s in self.median_scales):
             raise ConfigError(f"distance.median_scales={self.median_scales} must be > 0")
 

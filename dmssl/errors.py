@@ -32,3 +32,7 @@ class TrainingDiverged(UserError):
 
 class RunFolderBusy(CheckpointError):
     """Another live process trains in the run folder (it holds the folder's lock)."""
+
+
+class UntrustedCode(CheckpointError):
+    """A run folder or export names Python modules that the user has not allowed it to import."""

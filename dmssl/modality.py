@@ -159,6 +159,16 @@ class Modality(ABC):
         """Undo `inference_state`: called instead of `load` when a trained model is loaded."""
         return None  # an adapter whose load learns nothing has nothing to restore
 
+    def split_batch(self, values: Any) -> list[Any]:
+        """The samples of what a user hands to `Classifier.predict`: a list as it is, an array or tensor by its
+        first axis, a single string as one text. Override to refuse a shape that is one sample, not a batch."""
+        if isinstance(values, (str, bytes)):
+            return [values]
+        try:
+            return list(values)
+        except TypeError:
+            raise DataError(f"expected a batch of samples (a list, an array or a tensor); got {type(values).__name__}") from None
+
     def samples_from(self, values: Sequence[Any]) -> list[Any]:
         """Samples from the raw values a user hands to `Classifier.predict` (arrays, strings, waveforms).
 
@@ -223,12 +233,17 @@ def load_modality(reference: str) -> type:
     """Resolve `image` (entry point) or `pkg.module:Class` to an adapter class."""
     if ":" in reference:
         module_name, _, class_name = reference.partition(":")
+        if not (re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module_name) and class_name.isidentifier()):
+            raise ConfigError(f"modality.name={reference!r} is not package.module:ClassName (nor a registered name: "
+                              f"{', '.join(modality_names())})")
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise ConfigError(f"modality={reference!r}: cannot import module {module_name!r} ({err}); run from the "
                               "folder that holds it, add that folder to PYTHONPATH, or pip install -e the package "
                               "(which may also register a short name in the dmssl.modalities entry-point group)") from None
+        except Exception as err:  # the module's own code failed
+            raise ConfigError(f"modality={reference!r}: importing {module_name!r} raised {type(err).__name__}: {err}") from None
         if not hasattr(module, class_name):
             raise ConfigError(f"modality={reference!r}: module {module_name!r} has no attribute {class_name!r}")
         adapter = getattr(module, class_name)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import re
 import types
 import typing
 from pathlib import Path
@@ -32,6 +33,7 @@ from dmssl.config import (
     method_registries,
 )
 from dmssl.errors import ConfigError
+from dmssl.trust import TrustPlugins, check_trusted
 
 # An installed package carries the recipes inside dmssl/ (package data); a checkout keeps them at its top.
 _INSTALLED_RECIPES = Path(__file__).resolve().parent / "recipes"
@@ -300,17 +302,35 @@ def import_plugins(modules: list[str]) -> None:
     """Import each module (once): a module that registers an objective, distance or pseudo-labeller makes
     its name valid in this config (`plugins=[mypkg.losses]`)."""
     for module in modules:
+        check_module_name(module, "plugins")
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise ConfigError(f"plugins: cannot import {module!r} ({err}); is it on PYTHONPATH or installed "
                               "(pip install -e your package)?") from None
+        except Exception as err:  # the plugin's own code failed: say which plugin, keep its message
+            raise ConfigError(f"plugins: importing {module!r} raised {type(err).__name__}: {err}") from None
 
 
-def config_from_dict(tree: dict[str, Any]) -> Config:
-    """A run's saved config.yaml (a resolved config, as `config_to_dict` wrote it) back into a `Config`."""
+MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def check_module_name(name: str, key: str) -> None:
+    """A dotted Python module name (`pkg.module`), not a path or a relative import."""
+    if not MODULE_NAME.match(name):
+        raise ConfigError(f"{key}: {name!r} is not a Python module name; expected dotted names such as mypkg.losses")
+
+
+def config_from_dict(tree: dict[str, Any], trust_plugins: TrustPlugins = True, source: str = "the config") -> Config:
+    """A run's saved config.yaml (a resolved config, as `config_to_dict` wrote it) back into a `Config`.
+
+    `trust_plugins` says which modules the config may import (dmssl/trust.py); readers of folders that
+    someone else may have written pass False."""
     from dmssl.modality import load_modality
 
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{source} is not a mapping of settings (it holds a {type(tree).__name__})")
+    check_trusted(tree, source, trust_plugins)
     tree = dict(tree, resume="never", overwrite=False)  # reading a run, not continuing it
     import_plugins(coerce(tree.get("plugins", []), list[str], "plugins"))
     adapter_cls = load_modality(str((tree.get("modality") or {}).get("name", "image")))

@@ -90,15 +90,21 @@ def check_run_dir(cfg: Config) -> Path:
             previous = flatten(yaml.safe_load(config_file.read_text(encoding="utf-8")) or {})
         except yaml.YAMLError as err:
             raise CheckpointError(f"{config_file} is not valid YAML ({err}); pass overwrite=true to start afresh") from None
-        current = run_identity(cfg)
-        changed = sorted(k for k in current if k in previous and previous[k] != current[k])
+        changed = changed_settings(previous, cfg)
         if changed:
-            shown = ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:5])
             raise CheckpointError(
-                f"output_dir={str(run_dir)!r} holds a different run ({shown}); resume it with the same settings,"
+                f"output_dir={str(run_dir)!r} holds a different run ({changed}); resume it with the same settings,"
                 " or pass overwrite=true / another output_dir"
             )
     return run_dir
+
+
+def changed_settings(previous: dict[str, Any], cfg: Config) -> str:
+    """The settings of `cfg` that differ from a run's flattened config `previous` ('' if none), shown as
+    `key: old -> new`; keys in RESUMABLE_CHANGES may differ."""
+    current = run_identity(cfg)
+    changed = sorted(k for k in current if k in previous and previous[k] != current[k])
+    return ", ".join(f"{k}: {previous[k]!r} -> {current[k]!r}" for k in changed[:5])
 
 
 def check_writable_folder(folder: Path, key: str) -> None:
@@ -188,8 +194,9 @@ def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:
 
 def save_train_state(state: TrainState, folder: Path, cfg: Config) -> None:
     """Checkpoint `state` as step_XXXXXXXX.pt in `folder` and keep the newest `trainer.keep_checkpoints`."""
-    save_checkpoint(state.state_dict(config_to_dict(cfg)), checkpoint_path(folder, state.step))
-    prune_checkpoints(folder, cfg.trainer.keep_checkpoints)
+    path = checkpoint_path(folder, state.step)
+    save_checkpoint(state.state_dict(config_to_dict(cfg)), path)
+    prune_checkpoints(folder, cfg.trainer.keep_checkpoints, newest=path)
 
 
 class EmbeddingSnapshot:

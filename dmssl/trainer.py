@@ -47,7 +47,7 @@ from dmssl.data import (
     split_dev,
     split_labeled,
 )
-from dmssl.errors import ConfigError, DataError, TrainingDiverged
+from dmssl.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
@@ -57,6 +57,7 @@ from dmssl.run_dir import (
     EmbeddingSnapshot,
     RunLock,
     append_json_line,
+    changed_settings,
     check_run_dir,
     code_version,
     keep_metric_lines_up_to,
@@ -503,6 +504,11 @@ def resume(state: TrainState, cfg: Config, checkpoints: Path) -> Path | None:
     if found is None:
         return None
     path, saved = found
+    if cfg.resume != "auto" and saved.get("config"):  # auto's folder was checked against its config.yaml
+        changed = changed_settings(flatten(json.loads(saved["config"])), cfg)
+        if changed:
+            raise CheckpointError(f"resume={cfg.resume!r} was saved by a run with other settings ({changed}); "
+                                  "resume with the checkpoint's settings, or start a new run")
     state.load_state_dict(saved, source=str(path))
     return path
 

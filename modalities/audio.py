@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
-from dmssl.files import iter_data_files
+from dmssl.files import extract_tar_safely, iter_data_files
 from dmssl.modality import Modality, RawData, check_pattern, group_of
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
@@ -318,17 +318,32 @@ def load_hf_audio(data: Any, opts: AudioOptions, length: int) -> RawData:
 
 
 def load_speech_commands(root: str | None, cache_dir: str | None, sample_rate: int, length: int) -> RawData:
-    """Speech Commands v2 via torchaudio (download where the internet is reachable)."""
+    """Speech Commands v2 via torchaudio's reader, in `root` (or the cache folder).
+
+    The archive is downloaded where the internet is reachable (checked against torchaudio's checksum) and
+    unpacked by `extract_tar_safely`, never by torchaudio's own extraction, which writes members with
+    absolute or `../` paths wherever they point."""
     from torchaudio.datasets import SPEECHCOMMANDS
+    from torchaudio.datasets import speechcommands as reader
 
     folder = Path(root or Path(cache_dir or Path.home() / ".cache" / "dmssl") / "speechcommands")
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        train = SPEECHCOMMANDS(str(folder), download=True, subset="training")
-        test = SPEECHCOMMANDS(str(folder), download=True, subset="testing")
-    except Exception as err:  # URLError and friends: not reachable
-        raise DataError(f"Speech Commands is not in {folder} and could not be downloaded ({type(err).__name__}); "
-                        "offline, use data.dataset=folder with data.root=<folder of <word>/*.wav>") from None
+    name = "speech_commands_v0.02"
+    unpacked, archive = folder / "SpeechCommands" / name, folder / f"{name}.tar.gz"
+    if not unpacked.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        if not archive.is_file():
+            url = f"http://download.tensorflow.org/data/{name}.tar.gz"
+            try:
+                from torch.hub import download_url_to_file
+
+                download_url_to_file(url, str(archive), hash_prefix=getattr(reader, "_CHECKSUMS", {}).get(url))
+            except Exception as err:  # URLError and friends: not reachable
+                raise DataError(f"Speech Commands is not in {folder} and could not be downloaded ({type(err).__name__}); "
+                                "offline, use data.dataset=folder with data.root=<folder of <word>/*.wav>") from None
+        unpacked.parent.mkdir(parents=True, exist_ok=True)
+        extract_tar_safely(archive, unpacked)
+    train = SPEECHCOMMANDS(str(folder), download=False, subset="training")
+    test = SPEECHCOMMANDS(str(folder), download=False, subset="testing")
 
     def read(dataset: Any) -> tuple[list[torch.Tensor], list[str]]:
         waves, words = [], []

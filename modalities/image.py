@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
-from dmssl.files import cache_file, file_identity, iter_data_files, stored_groups, write_npz_atomic
+from dmssl.files import cache_file, iter_data_files, read_npz_cache, stored_groups, tree_identity, write_npz_atomic
 from dmssl.modality import Modality, RawData, check_pattern, group_of
 from modalities.image_augment import cutout, rand_augment, random_crop, random_hflip
 
@@ -77,6 +77,12 @@ class ImageModality(Modality):
 
     def __init__(self, options: ImageOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or ImageOptions(), data, model)
+        depth = getattr(model, "depth", None)
+        if depth is not None and getattr(model, "encoder", None) != "wrn28_2":
+            raise ConfigError(f"model.depth={depth} is not used by model.encoder={model.encoder!r}; only wrn28_2 "
+                              "takes a depth (6n+4: 10, 16, 22, 28, 40)")
+        if depth is not None and (depth - 4) % 6:
+            raise ConfigError(f"model.depth={depth} is not a wide ResNet depth; allowed: 6n+4 (10, 16, 22, 28, 40)")
         self.in_channels = 3
         self.image_shape: tuple[int, int] | None = None  # (H, W) of the training images, once loaded
 
@@ -135,10 +141,25 @@ class ImageModality(Modality):
             raise DataError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
         return [self.to_model_input(array, str(path))]
 
+    def split_batch(self, values: Any) -> list[Any]:
+        """A batch (N, H, W, C) / (N, C, H, W) / (N, H, W) or a list of images; one (H, W, C) array is refused
+        rather than read as H images of one row each."""
+        if isinstance(values, (np.ndarray, torch.Tensor)) and values.ndim == 3 and values.shape[-1] in (1, 3, 4):
+            raise DataError(f"an array of shape {tuple(values.shape)} looks like one (H, W, C) image; pass a batch "
+                            "(1, H, W, C) or a list of images")
+        return super().split_batch(values)
+
     def to_model_input(self, value: Any, name: str) -> torch.Tensor:
         if hasattr(value, "convert") and hasattr(value, "size"):  # a PIL image
             value = np.asarray(value.convert("RGB"))
+        if not isinstance(value, torch.Tensor):
+            value = np.asarray(value)
+            if value.dtype.kind not in "buif":
+                raise DataError(f"{name}: an image must be a numeric array, tensor or PIL image; got {value.dtype} "
+                                f"values ({type(value.flat[0]).__name__ if value.size else 'empty'})")
         tensor = torch.from_numpy(np.array(value)) if not isinstance(value, torch.Tensor) else value
+        if tensor.dtype == torch.bool:
+            tensor = tensor.to(torch.uint8) * 255
         if tensor.ndim == 2:
             tensor = tensor[None]
         elif tensor.ndim == 3 and tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4):
@@ -146,8 +167,12 @@ class ImageModality(Modality):
         if tensor.ndim != 3 or tensor.shape[0] not in (1, 3, 4):
             raise DataError(f"{name}: an image must be (H, W), (H, W, C) or (C, H, W) with C in 1, 3, 4; "
                             f"got shape {tuple(tensor.shape)}")
+        if tensor.shape[1] == 0 or tensor.shape[2] == 0:
+            raise DataError(f"{name}: the image is empty (shape {tuple(tensor.shape)}); it needs at least one pixel")
         if tensor.dtype != torch.uint8:
             tensor = tensor.float()
+            if not torch.isfinite(tensor).all():
+                raise DataError(f"{name}: the image holds NaN or infinite values; float images hold values in [0, 1]")
             if tensor.numel() and (tensor.min() < 0 or tensor.max() > 1):
                 raise DataError(f"{name}: float images must hold values in [0, 1] (uint8: 0-255); got "
                                 f"{float(tensor.min()):g} to {float(tensor.max()):g}")
@@ -213,6 +238,8 @@ class ImageModality(Modality):
         kwargs = {"in_channels": self.in_channels}
         if self.model.width is not None:
             kwargs["width"] = self.model.width
+        if self.model.depth is not None:  # wrn28_2 only (checked when the adapter is made)
+            kwargs["depth"] = self.model.depth
         return factories[name](**kwargs)
 
 
@@ -286,16 +313,16 @@ def load_hf_images(data: Any, opts: ImageOptions) -> RawData:
 def load_image_folder(root: Path, size: int | None, cache_dir: str | None, group_pattern: str | None = None) -> RawData:
     """An image-folder tree train/<class>/* and test/<class>/* (at any depth inside `root`).
 
-    Decoded arrays are cached (keyed by path, size, group pattern and modification time), so the second run
+    Decoded arrays are cached (keyed by the size and modification time of every file under `root`, the image size and the group pattern), so the second run
     skips decoding. Unreadable files are skipped with a warning that counts them. With `group_pattern`, each
     file's group is the first group of the regex on its path inside `root` (checked before decoding).
     """
     if not root.exists():
         raise DataError(f"data.root={str(root)!r} does not exist; expected a folder or .tar.gz with train/<class>/* and test/<class>/*")
-    cache = cache_file(cache_dir, "images", file_identity(root), size, *([group_pattern] if group_pattern else []))
-    if cache.is_file():
-        with np.load(cache) as stored:
-            return _raw_from_arrays(stored)
+    cache = cache_file(cache_dir, "images", tree_identity(root), size, *([group_pattern] if group_pattern else []))
+    cached = read_npz_cache(cache, _raw_from_arrays)
+    if cached is not None:
+        return cached
 
     splits: dict[str, tuple[list[np.ndarray], list[str], list[str]]] = {"train": ([], [], []), "test": ([], [], [])}
     grouping = re.compile(group_pattern) if group_pattern else None

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
-from dmssl.files import cache_file, file_identity, stored_groups, write_npz_atomic
+from dmssl.files import cache_file, file_identity, read_npz_cache, stored_groups, write_npz_atomic
 from dmssl.modality import Modality, RawData
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -146,8 +146,9 @@ class TextModality(Modality):
     def load(self) -> RawData:
         """Read and tokenise the data; the token ids are cached, keyed by the files, tokenizer and options."""
         cache = self.cache_path()
-        if cache is not None and cache.is_file():
-            return raw_from_cache(cache)
+        cached = read_npz_cache(cache, raw_from_arrays) if cache is not None else None
+        if cached is not None:
+            return cached
         rows = self.read_rows()
         train, train_labels, train_groups = self.to_samples(rows["train"], "train")
         test, test_labels, test_groups = self.to_samples(rows["test"], "test")
@@ -500,19 +501,19 @@ def write_cache(path: Path, raw: RawData) -> None:
     write_npz_atomic(path, arrays)
 
 
-def raw_from_cache(path: Path) -> RawData:
-    with np.load(path) as stored:
-        def samples(split: str) -> list[TextSample]:
-            out = []
-            ids, offsets = stored[f"{split}_ids"], stored[f"{split}_ids_offsets"]
-            alt, alt_offsets, has_alt = (stored[f"{split}_paraphrase"], stored[f"{split}_paraphrase_offsets"],
-                                         stored[f"{split}_paraphrase_present"])
-            for i in range(len(offsets) - 1):
-                paraphrase = alt[alt_offsets[i]: alt_offsets[i + 1]].tolist() if has_alt[i] else None
-                out.append(TextSample(ids[offsets[i]: offsets[i + 1]].tolist(), paraphrase))
-            return out
+def raw_from_arrays(stored: Any) -> RawData:
+    """The RawData a token cache holds (the arrays `write_cache` stored)."""
+    def samples(split: str) -> list[TextSample]:
+        out = []
+        ids, offsets = stored[f"{split}_ids"], stored[f"{split}_ids_offsets"]
+        alt, alt_offsets, has_alt = (stored[f"{split}_paraphrase"], stored[f"{split}_paraphrase_offsets"],
+                                     stored[f"{split}_paraphrase_present"])
+        for i in range(len(offsets) - 1):
+            paraphrase = alt[alt_offsets[i]: alt_offsets[i + 1]].tolist() if has_alt[i] else None
+            out.append(TextSample(ids[offsets[i]: offsets[i + 1]].tolist(), paraphrase))
+        return out
 
-        return RawData(train=samples("train"), train_labels=stored["train_labels"].tolist(), test=samples("test"),
-                       test_labels=stored["test_labels"].tolist(), unlabeled=samples("unsup"),
-                       class_names=[str(c) for c in stored["class_names"]], train_groups=stored_groups(stored, "train"),
-                       test_groups=stored_groups(stored, "test"))
+    return RawData(train=samples("train"), train_labels=stored["train_labels"].tolist(), test=samples("test"),
+                   test_labels=stored["test_labels"].tolist(), unlabeled=samples("unsup"),
+                   class_names=[str(c) for c in stored["class_names"]], train_groups=stored_groups(stored, "train"),
+                   test_groups=stored_groups(stored, "test"))

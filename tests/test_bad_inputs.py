@@ -42,6 +42,7 @@ def folders(tmp_path, tiny_bert):  # noqa: F811
     (tmp_path / "audio/readme.wav").write_bytes(b"")
     (tmp_path / "other-run").mkdir()
     (tmp_path / "other-run/config.yaml").write_text("recipe: quickstart\n")
+    (tmp_path / "other-run/metrics.jsonl").write_text('{"step": 2}\n')  # it trained: a run to protect
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
     return tmp_path
 

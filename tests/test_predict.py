@@ -53,8 +53,10 @@ def test_metrics__a_class_absent_from_the_split_has_no_accuracy_and_no_f1():
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("quickstart") / "run"
+    # fp32 pinned: a test below predicts the test set exactly as the run's evaluation did, and a Classifier
+    # computes in fp32, where a bf16 evaluation (auto may pick it) rounds differently.
     run = dmssl.fit("quickstart", trainer__max_steps=40, trainer__eval_every=20, trainer__progress_bar=False,
-                    data__num_workers=0, data__dev_size=100, output_dir=str(out))
+                    data__num_workers=0, data__dev_size=100, trainer__mixed_precision="no", output_dir=str(out))
     assert isinstance(run, dmssl.Run) and run.run_dir == out
     return out
 

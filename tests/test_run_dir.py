@@ -39,6 +39,9 @@ def test_check_run_dir__fresh_same_and_different_runs(tmp_path):
     assert check_run_dir(cfg) == tmp_path  # empty folder: fine
     write_run_dir(cfg, tmp_path)
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["recipe"] == "quickstart"
+    # a run that stopped before training (bad data, say) leaves only config.yaml: the corrected rerun goes ahead
+    assert check_run_dir(cfg_for(tmp_path, "objective.lambda_dm=2")) == tmp_path
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(CheckpointError, match="already holds a run"):
         check_run_dir(cfg)
     assert check_run_dir(cfg_for(tmp_path, "resume=auto", "trainer.max_steps=5")) == tmp_path
