@@ -134,7 +134,7 @@ def load(path: str | Path, device: torch.device | str | None = None, batch_size:
 
     folder = Path(path)
     if not folder.is_dir():
-        raise CheckpointError(f"{str(folder)!r} is not a folder; give a run folder or an export (dmssl export)")
+        raise CheckpointError(f"{str(folder)!r} is not a dmssl run folder or export: no such folder")
     check_not_on_import_path(folder)
     cfg = read_run_config(folder, trust_plugins)
     weights, step = read_weights(folder)

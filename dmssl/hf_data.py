@@ -18,6 +18,7 @@ are sorted and numbered.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,17 +53,18 @@ def load_hf_splits(data: DataConfig) -> dict[str, Any]:
         if not root.exists():
             raise DataError(f"data.root={str(root)!r} does not exist; expected a save_to_disk folder or Parquet/Arrow files")
         if root.is_dir() and any((root / name).is_file() for name in ("dataset_dict.json", "state.json")):
-            loaded = datasets.load_from_disk(str(root))
+            try:
+                loaded = datasets.load_from_disk(str(root))
+            except Exception as err:  # a corrupt dataset_dict.json / state.json, a missing split folder, ...
+                raise DataError(f"data.root={str(root)!r} is a broken save_to_disk folder ({type(err).__name__}: "
+                                f"{str(err)[:200]})") from None
             return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {data.train_split: loaded}
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in TABLE_FILE_SUFFIXES)
         if not files:
             raise DataError(f"data.root={str(root)!r} holds no save_to_disk data set and no .parquet or .arrow file")
-        by_split: dict[str, list[str]] = {}
-        for path in files:
-            split = next((s for s in split_names(data) if path.name.startswith(s)), data.train_split)
-            by_split.setdefault(split, []).append(str(path))
-        builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
-        return dict(datasets.load_dataset(builder, data_files=by_split))
+        if len({p.suffix for p in files}) > 1:
+            raise DataError(f"data.root={str(root)!r} mixes .parquet and .arrow files; keep one format")
+        return load_table_files(datasets, root, files, data)
     if data.hub_name:
         try:
             return dict(datasets.load_dataset(data.hub_name, data.hub_config))
@@ -70,6 +72,32 @@ def load_hf_splits(data: DataConfig) -> dict[str, Any]:
             raise DataError(f"data.hub_name={data.hub_name!r} could not be loaded ({type(err).__name__}: {err}); offline, "
                             "save it once with save_to_disk (or as Parquet) and set data.root to that folder") from None
     raise DataError("data.dataset=hf needs data.root (a save_to_disk folder, Parquet or Arrow files) or data.hub_name")
+
+
+def load_table_files(datasets: Any, root: Path, files: list[Path], data: DataConfig) -> dict[str, Any]:
+    """Parquet or Arrow files, each in the split its name (or a folder's name) starts with. Where no file names
+    a split, all of them are the training split; where some do, the others (say `validation-*`) are left out
+    with a warning, never added to another split."""
+    by_split: dict[str, list[str]] = {}
+    unnamed: list[Path] = []
+    for path in files:
+        parts = path.relative_to(root).parts if path != root else (path.name,)
+        split = next((s for s in split_names(data) if any(part.startswith(s) for part in parts)), None)
+        if split is None:
+            unnamed.append(path)
+        else:
+            by_split.setdefault(split, []).append(str(path))
+    if not by_split:
+        by_split = {data.train_split: [str(p) for p in unnamed]}
+    elif unnamed:
+        warnings.warn(f"data.root: left out {len(unnamed)} file(s) whose names start with no split name "
+                      f"({', '.join(split_names(data))}): {', '.join(p.name for p in unnamed[:3])}", stacklevel=3)
+    builder = "parquet" if files[0].suffix == ".parquet" else "arrow"
+    try:
+        return dict(datasets.load_dataset(builder, data_files=by_split))
+    except Exception as err:  # garbage bytes, a truncated file, schemas that differ between files
+        raise DataError(f"data.root={str(root)!r}: the {builder} files cannot be read ({type(err).__name__}: "
+                        f"{str(err)[:200]})") from None
 
 
 def split_names(data: DataConfig) -> list[str]:
@@ -91,6 +119,9 @@ def hf_columns(data: DataConfig, column: str, label_column: str, feature: Any = 
                             "(set data.train_split / data.test_split / data.unlabeled_split)")
     train, test = splits[data.train_split], splits[data.test_split]
     for name, split in ((data.train_split, train), (data.test_split, test)):
+        if len(split) == 0:
+            raise DataError(f"split {name!r} of data.root is empty")
+    for name, split in ((data.train_split, train), (data.test_split, test)):
         for needed in (column, label_column):
             if needed not in split.column_names:
                 raise DataError(f"split {name!r} has no column {needed!r}; its columns: {', '.join(split.column_names)}")
@@ -104,7 +135,7 @@ def hf_columns(data: DataConfig, column: str, label_column: str, feature: Any = 
         values = list(split[column])
         if not labeled:
             return values, [-1] * len(values)
-        return values, [to_index(y, names) for y in list(split[label_column])]
+        return values, [to_index(y, names, label_column) for y in list(split[label_column])]
 
     train_values, train_labels = read(train, True)
     test_values, test_labels = read(test, True)
@@ -121,6 +152,8 @@ def label_names(split: Any, label_column: str, class_names: list[str] | None) ->
     labels = [y for y in list(split[label_column]) if y is not None and y != -1]
     if not labels:
         raise DataError(f"column {label_column!r} holds no label")
+    for y in labels:
+        check_label(y, label_column)
     if all(isinstance(y, str) for y in labels):
         return list(class_names) if class_names else sorted(set(labels))
     if class_names:
@@ -128,13 +161,23 @@ def label_names(split: Any, label_column: str, class_names: list[str] | None) ->
     return [str(k) for k in range(int(max(labels)) + 1)]
 
 
-def to_index(label: Any, names: list[str]) -> int:
+def check_label(label: Any, column: str) -> None:
+    """A class label is a string or a whole number (a float such as 2.0 counts; 1.7 or a list does not)."""
+    if isinstance(label, str):
+        return
+    if isinstance(label, bool) or not isinstance(label, (int, float)) or not float(label).is_integer():
+        raise DataError(f"column {column!r} holds the label {label!r} ({type(label).__name__}); labels must be class "
+                        "names (strings) or class indices (whole numbers), one per row")
+
+
+def to_index(label: Any, names: list[str], column: str = "label") -> int:
     if label is None or label == -1:
         return -1
     if isinstance(label, str):
         if label not in names:
             raise DataError(f"label {label!r} is not one of the classes {names}")
         return names.index(label)
+    check_label(label, column)
     return int(label)
 
 

@@ -207,6 +207,11 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
                             "they cannot be placed on either side")
     labeled_idx = split_labeled(labeled_draw, raw.num_classes, cfg.data.num_labels, cfg.data.labels_per_class,
                                 cfg.seed)
+    unlabeled_classes = sorted(set(range(raw.num_classes)) - {raw.train_labels[i] for i in labeled_idx})
+    if unlabeled_classes:  # only groups can cause it: check_raw_data saw every class labeled somewhere
+        names = [raw.class_names[k] for k in unlabeled_classes]
+        raise DataError(f"data.labeled_groups={cfg.data.labeled_groups} leaves classes without a labeled sample: "
+                        f"{names[:10]}; add groups that hold them, or drop those classes from the data")
     dev_idx = split_dev(dev_draw, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
     held_out = set(dev_idx)
     pool = [(raw.train[i], raw.train_labels[i]) for i in pool_ids if i not in held_out]

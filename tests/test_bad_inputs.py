@@ -171,7 +171,8 @@ def trained(tmp_path_factory):
 
 
 USE_CASES = [
-    (["predict", "{t}/nowhere", "{t}/digit.png"], "'{t}/nowhere' is not a dmssl run folder or export: it has no config.yaml"),
+    (["predict", "{t}/nowhere", "{t}/digit.png"], "'{t}/nowhere' is not a dmssl run folder or export: no such folder"),
+    (["predict", "{t}/no-images", "{t}/digit.png"], "'{t}/no-images' is not a dmssl run folder or export: it has no config.yaml"),
     (["predict", "{t}/bad-checkpoint", "{t}/digit.png"], "has no readable checkpoint in checkpoints/"),
     (["predict", "{t}/corrupt-export", "{t}/digit.png"], "model.safetensors cannot be read"),
     (["predict", "{t}/run", "{t}/notes.txt"], "notes.txt is not a readable image"),
@@ -182,7 +183,7 @@ USE_CASES = [
     (["predict", "{t}/run", "{t}/digit.png", "--top-k", "0"], "--top-k=0 must be >= 1"),
     (["export", "{t}/bad-checkpoint", "{t}/out"], "has no readable checkpoint in checkpoints/"),
     (["export", "{t}/run", "{t}/full"], "'{t}/full' exists and is not empty; pass --overwrite"),
-    (["export", "{t}/run", "{t}/run"], "exists and is not empty"),
+    (["export", "{t}/run", "{t}/run"], "the export folder must differ from the run folder"),
     (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf"], "data.dataset=hf needs data.root"),
     (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/hf-no-test"], "the data set has no split 'test'; its splits: train"),
     (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/hf-other-column"], "split 'train' has no column 'image'; its columns: picture, label"),
