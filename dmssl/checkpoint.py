@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import warnings
 import zipfile
 from pathlib import Path
@@ -39,6 +40,12 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
+    except (OSError, RuntimeError) as err:  # a full disk reaches torch.save as "unexpected pos ..."
+        Path(tmp_name).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        cause = "the disk is full" if free < 64 * 2**20 else f"{type(err).__name__}: {str(err)[:200]}"
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be written ({cause}); the previous checkpoints "
+                              "are kept: free space (or pass another output_dir) and resume with resume=auto") from None
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
@@ -49,7 +56,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files; all mean the same here
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {err})") from None
+        first = (str(err).strip().splitlines() or [""])[0][:200]  # torch's messages run to paragraphs
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be read ({type(err).__name__}: {first})") from None
     if not isinstance(state, dict) or "step" not in state or "model" not in state:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a dmssl checkpoint (no step/model entries)")
     return state

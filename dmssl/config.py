@@ -268,3 +268,20 @@ def config_to_dict(cfg: Config) -> dict[str, Any]:
     for key in TOP_LEVEL[1:]:
         tree[key] = getattr(cfg, key)
     return tree
+
+
+# Names that lived here before recipe reading moved to dmssl/recipe.py; they keep working for a release.
+MOVED_TO_RECIPE = ("recipe_names", "load_recipe", "parse_overrides", "apply_override", "deep_merge", "coerce",
+                   "section_from_dict", "unknown_key", "method_keys", "all_keys", "method_from_dict", "build_config",
+                   "import_plugins", "resolve", "resolve_pairs", "config_from_dict")
+
+
+def __getattr__(name: str) -> Any:
+    if name in MOVED_TO_RECIPE:
+        import importlib
+        import warnings
+
+        warnings.warn(f"dmssl.config.{name} moved to dmssl.recipe.{name}; the old name goes away in the next release",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(importlib.import_module("dmssl.recipe"), name)
+    raise AttributeError(f"module 'dmssl.config' has no attribute {name!r}")

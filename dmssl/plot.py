@@ -13,16 +13,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dmssl.errors import CheckpointError, UserError
+
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of a log; a torn last line (a run killed while writing) is left out, other bad lines
+    are an error naming the file and line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path} cannot be read ({type(err).__name__}: {err})") from None
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise CheckpointError(f"{path} line {number} is not JSON") from None
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            raise CheckpointError(f"{path} line {number} is not a log record (a JSON object with a step)")
+        records.append(record)
+    return records
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    from dmssl.classifier import read_json_file
+
+    return read_json_file(path) if path.is_file() else {}
 
 
 def series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -48,12 +74,18 @@ def plot_run(run_dir: Path, tsne: bool = False) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = run_dir / "plots"
-    out.mkdir(exist_ok=True)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"{str(run_dir)!r} is not a folder; give a dmssl run folder")
     metrics, train = read_lines(run_dir / "metrics.jsonl"), read_lines(run_dir / "train.jsonl")
     if not metrics:
-        raise SystemExit(f"error: {run_dir} has no metrics.jsonl; is it a dmssl run folder?")
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+        raise CheckpointError(f"{run_dir} has no metrics.jsonl records; is it a dmssl run folder that trained?")
+    summary = read_json(run_dir / "summary.json")
+    confusion = read_json(run_dir / "confusion_matrix.json")
+    out = run_dir / "plots"  # made only once the folder is known to be a run's
+    try:
+        out.mkdir(exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"cannot write {out} ({err.strerror or err})") from None
     title = f"{summary.get('recipe', run_dir.name)}: {summary.get('objective', '')} {summary.get('distance') or ''}".strip()
     written = []
 
@@ -82,9 +114,8 @@ def plot_run(run_dir: Path, tsne: bool = False) -> list[Path]:
         written.append(out / "distance.png")
         plt.close(fig)
 
-    if (run_dir / "confusion_matrix.json").is_file():
-        written.append(plot_confusion(json.loads((run_dir / "confusion_matrix.json").read_text()), out / "confusion.png",
-                                      title))
+    if confusion:
+        written.append(plot_confusion(confusion, out / "confusion.png", title))
 
     snapshots = sorted((run_dir / "embeddings").glob("step_*.npz"))
     if len(snapshots) >= 2:
@@ -152,8 +183,12 @@ def compare(run_dirs: list[Path], out: Path, tsne: bool = False) -> Path:
 
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(5 * len(run_dirs), 4.5), squeeze=False)
     for ax, run_dir in zip(axes[0], run_dirs, strict=True):
-        summary = json.loads((run_dir / "summary.json").read_text())
-        last = sorted((run_dir / "embeddings").glob("step_*.npz"))[-1]
+        summary = read_json(run_dir / "summary.json")
+        snapshots = sorted((run_dir / "embeddings").glob("step_*.npz"))
+        if not summary or not snapshots:
+            raise CheckpointError(f"--compare: {run_dir} has no summary.json or no embeddings/ (a finished run "
+                                  "with trainer.save_embeddings=true)")
+        last = snapshots[-1]
         name = f"{summary['objective']} {summary.get('distance') or ''}".strip()
         draw_embeddings(ax, last, tsne, f"{name}: test acc {summary['test_accuracy']:.3f}")
     axes[0][0].legend(loc="best", fontsize=8)
@@ -170,11 +205,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tsne", action="store_true", help="t-SNE instead of PCA for the embedding plots")
     parser.add_argument("--compare", type=Path, help="also write the runs' final embeddings side by side here")
     args = parser.parse_args(argv)
-    for run_dir in args.run_dirs:
-        for path in plot_run(run_dir, args.tsne):
-            print(path)
-    if args.compare:
-        print(compare(args.run_dirs, args.compare, args.tsne))
+    try:
+        for run_dir in args.run_dirs:
+            for path in plot_run(run_dir, args.tsne):
+                print(path)
+        if args.compare:
+            print(compare(args.run_dirs, args.compare, args.tsne))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
     return 0
 
 

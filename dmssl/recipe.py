@@ -51,9 +51,13 @@ def recipe_names() -> list[str]:
 def load_recipe(name_or_path: str) -> dict[str, Any]:
     """Read a recipe by name (a file in `recipes/`) or by path to a YAML file."""
     path = Path(name_or_path)
-    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
-        path = RECIPES_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
+    try:
+        if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+            path = RECIPES_DIR / f"{name_or_path}.yaml"
+        found = path.is_file()
+    except (OSError, ValueError):  # a name longer than the file system allows, a NUL byte
+        found = False
+    if not found:
         names = recipe_names()
         near = difflib.get_close_matches(name_or_path, names, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
@@ -62,12 +66,26 @@ def load_recipe(name_or_path: str) -> dict[str, Any]:
         )
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err)[:300]}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {str(path)!r} must be a mapping of sections, got {type(data).__name__}")
+    check_string_keys(data, str(path))
     data.setdefault("recipe", path.stem)
     return data
+
+
+def check_string_keys(tree: dict[str, Any], source: str, prefix: str = "", depth: int = 0) -> None:
+    """Every key of a recipe is a name (YAML allows `1: 2`), and the nesting stays shallow."""
+    if depth > 8:
+        raise ConfigError(f"recipe {source!r} nests deeper than any setting ({prefix.rstrip('.')})")
+    for key, value in tree.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"recipe {source!r}: the key {key!r} at {prefix or 'the top'} is not a name")
+        if isinstance(value, dict):
+            check_string_keys(value, source, f"{prefix}{key}.", depth + 1)
 
 
 def parse_overrides(tokens: list[str]) -> list[tuple[str, str]]:

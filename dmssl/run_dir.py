@@ -187,8 +187,14 @@ def keep_metric_lines_up_to(metrics_file: Path, step: int) -> None:
     """On resume, drop evaluations a killed run logged after its last checkpoint (they will be redone)."""
     if not metrics_file.is_file():
         return
-    kept = [line for line in metrics_file.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:  # a torn line of a killed run: its step is redone anyway
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
     metrics_file.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 

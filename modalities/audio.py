@@ -342,8 +342,11 @@ def load_speech_commands(root: str | None, cache_dir: str | None, sample_rate: i
                                 "offline, use data.dataset=folder with data.root=<folder of <word>/*.wav>") from None
         unpacked.parent.mkdir(parents=True, exist_ok=True)
         extract_tar_safely(archive, unpacked)
-    train = SPEECHCOMMANDS(str(folder), download=False, subset="training")
-    test = SPEECHCOMMANDS(str(folder), download=False, subset="testing")
+    try:
+        train = SPEECHCOMMANDS(str(folder), download=False, subset="training")
+        test = SPEECHCOMMANDS(str(folder), download=False, subset="testing")
+    except (FileNotFoundError, RuntimeError) as err:
+        raise DataError(f"{unpacked} is not a Speech Commands v2 folder ({type(err).__name__}: {err})") from None
 
     def read(dataset: Any) -> tuple[list[torch.Tensor], list[str]]:
         waves, words = [], []

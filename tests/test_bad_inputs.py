@@ -44,6 +44,11 @@ def folders(tmp_path, tiny_bert):  # noqa: F811
     (tmp_path / "other-run/config.yaml").write_text("recipe: quickstart\n")
     (tmp_path / "other-run/metrics.jsonl").write_text('{"step": 2}\n')  # it trained: a run to protect
     (tmp_path / "corrupt.pt").write_bytes(b"\x80\x02garbage")
+    (tmp_path / "latin1.yaml").write_bytes(b"recipe: caf\xe9\n")
+    (tmp_path / "numeric-keys.yaml").write_text("1: 2\n")
+    (tmp_path / "a-list.yaml").write_text("- trainer\n- data\n")
+    (tmp_path / "deep.yaml").write_text("a: " * 1000 + "1\n")
+    (tmp_path / "a-file").write_text("not a folder")
     return tmp_path
 
 
@@ -102,6 +107,21 @@ CASES = [
     ([*TEXT, "data.root={tmp}/nowhere"], "nowhere' is not a folder"),
     (["recipe=audio_fsdd", "data.root={tmp}/audio"], "no readable, labeled audio files"),
     (["recipe=audio_fsdd", "data.root={tmp}/audio", "modality.test_pattern=[unclosed"], "modality.test_pattern='[unclosed'"),
+    (["recipe={tmp}/latin1.yaml"], "latin1.yaml' is not UTF-8 text"),
+    (["recipe={tmp}/numeric-keys.yaml"], "the key 1 at the top is not a name"),
+    (["recipe={tmp}/a-list.yaml"], "must be a mapping of sections, got list"),
+    (["recipe={tmp}/deep.yaml"], "deep.yaml"),
+    (["recipe=" + "x" * 300], "unknown recipe 'xxxx"),
+    ([*Q, "output_dir={tmp}/a-file"], "a-file' is a file; give a folder"),
+    ([*Q, "output_dir={tmp}/a-file/run"], "is under '{tmp}/a-file', which is a file"),
+    ([*Q, "trainer.cosine_cycles=0.75"], "trainer.cosine_cycles=0.75 must be in (0, 0.5]"),
+    ([*Q, "trainer.momentum=0"], "trainer.momentum=0.0 must be >= 0, and > 0 with trainer.nesterov=true"),
+    ([*Q, "distance.bandwidths=[]"], "distance.bandwidths=[] must be null"),
+    ([*Q, "seed=99999999999999999999999"], "seed=99999999999999999999999 must be in [0, 2**32)"),
+    ([*Q, "model.depth=28"], "model.depth=28 is not used by model.encoder='small_cnn'"),
+    ([*Q, "plugins=[.foo]"], "plugins: '.foo' is not a Python module name"),
+    ([*Q, "plugins=[tests.no_such_plugin_module]"], "plugins: cannot import 'tests.no_such_plugin_module'"),
+    ([*Q, "modality.name=:"], "modality.name=':' is not package.module:ClassName"),
 ]
 
 
@@ -116,6 +136,53 @@ def test_bad_input_exits_2_and_names_the_value(argv, message, folders, tiny_bert
     assert code == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0], err
+
+
+def test_plot_of_a_rejected_folder_creates_nothing_in_it(trained, capsys):
+    from dmssl.cli import console
+
+    assert console(["plot", str(trained / "no-images")]) == 2
+    assert not (trained / "no-images" / "plots").exists()
+
+
+def test_a_torn_last_metrics_line_neither_blocks_plot_nor_resume(trained, tmp_path, capsys):
+    import shutil
+
+    from dmssl.cli import console
+
+    run = tmp_path / "run"
+    shutil.copytree(trained / "run", run)
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 3, "test_acc')  # killed mid-line
+    assert console(["plot", str(run)]) == 0, capsys.readouterr().err
+    assert main([*Q, "trainer.max_steps=4", f"output_dir={run}", "resume=auto"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 4
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous_ones(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import torch
+
+    import dmssl.checkpoint
+
+    real_save = torch.save
+    calls = []
+
+    def full_after_first(obj, handle, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                               "data/0: file write failed; unexpected pos 1234 vs 5678")
+        return real_save(obj, handle, *args, **kwargs)
+
+    monkeypatch.setattr(dmssl.checkpoint.torch, "save", full_after_first)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(100, 100, 0))
+    code = main([*Q, "trainer.max_steps=4", "trainer.checkpoint_every=2", f"output_dir={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "step_00000004.pt' could not be written (the disk is full)" in err, err
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002.pt"]
 
 
 def test_table_has_at_least_25_cases():
@@ -190,6 +257,13 @@ USE_CASES = [
     (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/nowhere"], "data.root='{t}/nowhere' does not exist"),
     (["train", *Q, "output_dir={t}/hf-run", "overwrite=true", "data.dataset=hf", "data.root={t}/no-images"], "holds no save_to_disk data set and no .parquet or .arrow file"),
     (["plotx", "{t}/run"], "unknown command 'plotx'; did you mean 'plot'?"),
+    (["plot", "{t}/nowhere"], "'{t}/nowhere' is not a folder"),
+    (["plot", "{t}/no-images"], "no-images has no metrics.jsonl records"),
+    (["plot", "{t}/run", "{t}/bad-checkpoint", "--compare", "{t}/cmp.png"], "bad-checkpoint has no metrics.jsonl records"),
+    (["predict", "{t}/run", "{t}/digit.png", "--output", "{t}/no-such-folder/p.csv"], "no-such-folder' does not exist"),
+    (["predict", "{t}/run", "{t}/table.csv", "--output", "{t}/table.csv"], "is one of the inputs"),
+    (["export", "{t}/run", "{t}", "--overwrite"], "is the working folder or holds it"),
+    (["export", "{t}/run", "{t}/full", "--overwrite"], "is not a dmssl export"),
 ]
 
 

@@ -84,3 +84,21 @@ def test_cli__user_error_exits_2_with_one_line_and_no_traceback():
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "did you mean 'trainer.max_steps'" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["resolve", "load_recipe", "parse_overrides", "config_from_dict"])
+def test_names_that_moved_to_recipe_still_import_with_a_deprecation_warning(name):
+    import dmssl.config
+    import dmssl.recipe
+
+    with pytest.warns(DeprecationWarning, match=f"dmssl.config.{name} moved to dmssl.recipe.{name}"):
+        moved = getattr(dmssl.config, name)
+    assert moved is getattr(dmssl.recipe, name)
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        dmssl.config.no_such_name  # noqa: B018
+
+
+def test_from_import_of_a_moved_name_works_as_the_adapter_tutorial_wrote_it():
+    with pytest.warns(DeprecationWarning):
+        from dmssl.config import resolve
+    assert resolve(["recipe=quickstart"]).recipe == "quickstart"
