@@ -141,6 +141,14 @@ def evaluate(model: nn.Module, loader: DataLoader, accelerator: Accelerator, num
     return ClassificationReport(matrix)
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """In a DataLoader worker: ignore SIGINT and SIGTERM. Ctrl-C or a scheduler's SIGTERM reach the whole
+    process group; the main process saves a checkpoint and shuts its workers down, where a worker that died
+    of the signal first would make the loader raise (and print a worker's traceback)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag, so the loop can save a checkpoint before it exits."""
 
@@ -351,6 +359,7 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
     workers = cfg.data.num_workers
     train_loader = DataLoader(steps_data, batch_size=None, sampler=range(state.step, cfg.trainer.max_steps),
                               num_workers=workers, prefetch_factor=4 if workers else None,
+                              worker_init_fn=leave_stop_signals_to_the_main_process,
                               generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
     evaluator = Evaluator(adapter, data, cfg, accelerator)
     if cfg.trainer.log_with != "none":

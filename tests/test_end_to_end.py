@@ -176,6 +176,22 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path):
     assert result.returncode == 0 and json.loads((tmp_path / "summary.json").read_text())["steps"] == 400
 
 
+def test_sigterm_to_the_process_group_with_workers_stops_cleanly(tmp_path):
+    # A scheduler signals the whole group: the DataLoader workers too. They leave it to the main process,
+    # which saves a checkpoint and exits 130 without any worker's traceback.
+    args = [sys.executable, "train.py", *[a for a in FAST if not a.startswith("data.num_workers")], "data.num_workers=2",
+            "trainer.max_steps=400", "trainer.checkpoint_every=1000", "trainer.mixed_precision=no", f"output_dir={tmp_path}"]
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "train.jsonl").is_file():
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert len(list_checkpoints(tmp_path / "checkpoints")) == 1
+
+
 class _NaNAfterThreeSteps(torch.nn.Module):
     def __init__(self, inner):
         super().__init__()
