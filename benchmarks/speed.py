@@ -8,7 +8,11 @@
     as a fraction of one encoder forward+backward on a labeled batch;
 (c) data loading: the time one worker (one thread, as in a DataLoader worker) needs to build a
     training step (views + collate) vs the time the training step takes, per adapter on its real data
-    (when the paths are given).
+    (when the paths are given);
+(d) one real step of each recipe in each precision/layout/compile variant;
+(p) the quickstart's default run (`trainer.mixed_precision=auto`, which measures) against the same run in
+    fp32 (`=no`), whole runs as a user starts them, rounds interleaved; with the CPU's bf16 flags and what
+    auto chose. `--sections p --write docs/results.md` fills the section of this CPU's kind.
 
 Timings: median of repeated runs after warm-up, on whatever device is present (CUDA synchronised).
 Inputs for (a) and (b) are random tensors of the right shapes (timing does not depend on content).
@@ -395,6 +399,62 @@ def precision_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cpu_description() -> dict[str, Any]:
+    """The CPU's model name and native bf16 instruction sets (what auto's candidates depend on)."""
+    from dmssl.precision import cpu_bf16_instructions
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            name = next((line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")), name)
+    except OSError:
+        pass
+    flags = cpu_bf16_instructions()
+    return {"model": name, "bf16_flags": flags, "kind": "amx" if "amx_bf16" in flags else
+            "avx512_bf16" if flags else "no native bf16"}
+
+
+def auto_versus_fp32(steps: int, rounds: int, extra: list[str]) -> dict[str, Any]:
+    """Wall time of the quickstart's run with auto and with fp32, `rounds` interleaved rounds of each."""
+    import tempfile
+
+    from dmssl.trainer import fit
+
+    runs: dict[str, list[dict[str, Any]]] = {"auto": [], "no": []}
+    for _ in range(rounds):
+        for mode in runs:
+            with tempfile.TemporaryDirectory() as folder:
+                summary = fit(resolve(["recipe=quickstart", f"trainer.max_steps={steps}", "trainer.progress_bar=false",
+                                       f"trainer.mixed_precision={mode}", f"output_dir={folder}", *extra]))
+            runs[mode].append({key: summary[key] for key in ("wall_seconds", "train_seconds", "steps", "stop_reason",
+                                                             "mixed_precision", "precision_reason", "test_accuracy",
+                                                             "precision_step_seconds")})
+    auto_wall = statistics.median(r["wall_seconds"] for r in runs["auto"])
+    fp32_wall = statistics.median(r["wall_seconds"] for r in runs["no"])
+    return {"steps": steps, "rounds": rounds, "extra": extra, "runs": runs, "cpu": cpu_description(),
+            "auto_over_fp32_wall": auto_wall / fp32_wall}
+
+
+def auto_markdown(report: dict[str, Any]) -> str:
+    p = report["auto"]
+    cpu = p["cpu"]
+    lines = [f"Measured {report['date']} on {cpu['model']} ({', '.join(cpu['bf16_flags']) or 'no native bf16'}), "
+             f"{report['machine']} (`{report['command']}`): the quickstart as a user starts it, "
+             f"{p['steps']} steps, {p['rounds']} rounds of each, interleaved.", "",
+             "| run | auto chose | wall seconds per round | steps reached | test accuracy |", "|---|---|---|---|---|"]
+    for mode, label in (("auto", "`trainer.mixed_precision=auto` (the default)"), ("no", "`trainer.mixed_precision=no`")):
+        rows = p["runs"][mode]
+        chosen = ", ".join(sorted({"fp32" if r["mixed_precision"] == "no" else r["mixed_precision"] for r in rows}))
+        lines.append(f"| {label} | {chosen if mode == 'auto' else '-'} | "
+                     + ", ".join(f"{r['wall_seconds']:.1f}" for r in rows) + " | "
+                     + ", ".join(str(r["steps"]) for r in rows) + " | "
+                     + ", ".join(f"{100 * r['test_accuracy']:.1f}" for r in rows) + " |")
+    reasons = sorted({r["precision_reason"] for r in p["runs"]["auto"]})
+    lines += ["", f"auto / fp32 wall time (medians): **{p['auto_over_fp32_wall']:.3f}**. auto's lines: "
+              + "; ".join(f"`{r}`" for r in reasons) + "."]
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (CI smoke run)")
@@ -403,7 +463,10 @@ def main() -> int:
     parser.add_argument("--imdb", help="IMDB folder (train/unsup/test JSON lines), for the loading benchmark")
     parser.add_argument("--recipes", default="quickstart,cifar,fsdd,imdb",
                         help="which recipes (c) and (d) time, of those whose data is given (default: all)")
-    parser.add_argument("--sections", default="abcd", help="which parts to run: any of a, b, c, d (default: all)")
+    parser.add_argument("--sections", default="abcd",
+                        help="which parts to run: any of a, b, c, d, p (default: abcd)")
+    parser.add_argument("--auto-steps", type=int, default=1500, help="(p): steps of each quickstart run (its recipe's 1500)")
+    parser.add_argument("--auto-rounds", type=int, default=2, help="(p): interleaved rounds of auto and fp32")
     parser.add_argument("--variants", default=",".join(PRECISION_VARIANTS),
                         help=f"(d): comma-separated, the first is the reference; of {', '.join(PRECISION_VARIANTS)}")
     parser.add_argument("--write", type=Path, help="replace the speed (a-c) and precision (d) sections of this markdown file")
@@ -445,7 +508,13 @@ def main() -> int:
             report["precision"].append(precision_variants(recipe, 2 if args.quick else 5, variants))
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2))
+    if "p" in args.sections:
+        report["auto"] = auto_versus_fp32(args.auto_steps, args.auto_rounds, ["data.num_workers=0"] if args.quick else [])
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=2))
     texts = []
+    if "auto" in report:
+        texts.append((f"precision-auto-{report['auto']['cpu']['kind'].replace(' ', '-')}", auto_markdown(report)))
     if "objectives" in report:
         texts.append(("speed", markdown(report)))
     if "precision" in report:

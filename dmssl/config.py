@@ -141,7 +141,7 @@ class TrainerConfig:
     log_every: int = 50  # steps between train.jsonl lines
     checkpoint_every: int = 500  # steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a bf16 GPU or a CPU with AMX/AVX512_BF16, else fp32
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: times fp32 and bf16 on the first step where bf16 is native, keeps the faster
     channels_last: bool = True  # NHWC convolution weights: faster on CPUs (fp32 and bf16) and on GPUs in bf16
     compile: bool = False  # torch.compile the encoder (a minute or more of compiling first; see docs/precision.md)
     log_with: Literal["none", "tensorboard"] = "none"

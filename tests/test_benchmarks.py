@@ -261,3 +261,17 @@ def test_linear_probe__fits_on_the_runs_own_splits_and_encodes_each_sample_once(
     main([*overrides, "--seeds", "0", "--pool", "100", "--write", str(page), "--section", "probe-x"])
     text = page.read_text()
     assert "\nold\n" not in text and "| linear probe | 50 labels |" in text and "Chosen on dev: seed 0: C=" in text
+
+
+def test_auto_versus_fp32__interleaves_whole_runs_and_names_the_cpu(monkeypatch):
+    import benchmarks.speed as speed
+
+    monkeypatch.setenv("DMSSL_AUTO_PRECISION", "no")  # auto's choice is not what this tests: the plumbing is
+    auto = speed.auto_versus_fp32(steps=2, rounds=2, extra=["data.num_workers=0", "trainer.save_embeddings=false",
+                                                            "data.batch_size=8", "data.mu=2"])
+    assert [len(auto["runs"][m]) for m in ("auto", "no")] == [2, 2]
+    assert all(r["steps"] == 2 for m in ("auto", "no") for r in auto["runs"][m])
+    assert auto["runs"]["auto"][0]["precision_reason"] == "auto: DMSSL_AUTO_PRECISION=no"
+    assert auto["auto_over_fp32_wall"] > 0 and auto["cpu"]["kind"] in ("amx", "avx512_bf16", "no native bf16")
+    text = speed.auto_markdown({"date": "2026-12-01", "machine": "x86_64, 2 threads, cpu", "command": "c", "auto": auto})
+    assert "| `trainer.mixed_precision=auto` (the default) | fp32 |" in text and "auto / fp32 wall time" in text

@@ -100,8 +100,8 @@ def test_export_overwrite_replaces_an_earlier_export_and_a_kill_between_renames_
                                                                                            monkeypatch):
     out = tmp_path / "exp"
     export(run, out)
-    old = snapshot(out)
     assert export(run, out, overwrite=True) == out and is_export(out)
+    old = snapshot(out)
     # The second rename (new export in) fails: the old export is put back.
     real_replace = os.replace
     calls = []
