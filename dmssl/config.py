@@ -80,8 +80,14 @@ class ModelConfig:
     proj_hidden_dim: int = 128
     proj_dim: int = 128  # embedding width: where prototypes, contrast and matching live
     prototype_init: Literal["random", "labeled_mean"] = "random"  # labeled_mean: class means of the labeled embeddings
+    freeze: int | Literal["none", "all"] = "none"  # none, all, or the encoder's lower N blocks (dmssl/pretrained.py)
+    cached_views: int = 4  # with freeze=all: K weak and K strong views of each training sample encoded once and cached; 0: no cache
 
     def validate(self) -> None:
+        if isinstance(self.freeze, int) and self.freeze < 0:
+            raise ConfigError(f"model.freeze={self.freeze} must be none, all, or a number of blocks >= 0")
+        if self.cached_views < 0:
+            raise ConfigError(f"model.cached_views={self.cached_views} must be >= 0 (0: no cache)")
         _positive("model.width", self.width)
         _positive("model.depth", self.depth)
         _positive("model.proj_hidden_dim", self.proj_hidden_dim)

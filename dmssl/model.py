@@ -9,6 +9,11 @@ from torch import nn
 from dmssl.modality import Batch, Modality
 
 
+class CachedInputs(dict):
+    """A batch of cached encoder outputs, `{"features": (B, feature_dim)}` (dmssl/feature_cache.py): the model
+    skips its frozen encoder for it. A dict, so that device moves and DataLoader collation keep its type."""
+
+
 class SSLModel(nn.Module):
     """encoder -> MLP head -> L2-normalised embedding z; prototypes P (K, d), also unit-norm.
 
@@ -39,7 +44,7 @@ class SSLModel(nn.Module):
                 with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """batch -> (B, proj_dim) unit embeddings z; with `with_logits`, also the linear classifier's (B, K)
         logits; with `with_features`, also the encoder's (B, feature_dim) features: (z, [logits], [features])."""
-        features = self.encoder(batch)
+        features = batch["features"] if isinstance(batch, CachedInputs) else self.encoder(batch)
         z = F.normalize(self.head(features).float(), dim=1)
         if not (with_logits or with_features):
             return z

@@ -48,11 +48,13 @@ from dmssl.data import (
     split_labeled,
 )
 from dmssl.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from dmssl.feature_cache import CachedViews, cached_raw_data, open_or_build
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
 from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import Stopwatch, choose_precision
+from dmssl.pretrained import apply_freeze, is_fully_frozen
 from dmssl.run_dir import (
     EmbeddingSnapshot,
     RunLock,
@@ -191,6 +193,20 @@ class RunData:
         return len(self.class_names)
 
 
+def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module, cfg: Config,
+                  process: PartialState) -> tuple[Any, RunData]:
+    """(the adapter, the run's data) as they are, or, for a fully frozen encoder with `model.cached_views` > 0,
+    a `CachedViews` over the feature cache and the same splits as cache rows (dmssl/feature_cache.py)."""
+    if cfg.model.cached_views == 0 or not is_fully_frozen(encoder):
+        return adapter, data
+    if process.num_processes > 1:
+        raise ConfigError("the feature cache (model.freeze=all) trains in one process; set model.cached_views=0 "
+                          "to run several processes on the full encoder")
+    cache = open_or_build(adapter, raw, encoder, cfg.model.cached_views, cfg.data.cache_dir, process.device,
+                          cfg.data.eval_batch_size, log=process.print)
+    return CachedViews(adapter, cache), split_run_data(cached_raw_data(raw), cfg)
+
+
 def split_run_data(raw: RawData, cfg: Config) -> RunData:
     """Seeded splits of the adapter's data: labeled, dev (outside labeled and pool), pool, test subset.
 
@@ -314,17 +330,22 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
 
     # ==== model, objective, optimiser: the training state ====
     objective = objective_from_config(cfg, data.num_classes)
-    model = SSLModel(adapter.build_encoder(), data.num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
+    encoder = adapter.build_encoder()
+    process.print(apply_freeze(encoder, cfg.model.freeze))
+    # With a frozen encoder, its outputs are computed once (shared by every run that matches) and the run
+    # trains on them: `inputs` stands in for the adapter wherever samples become batches.
+    inputs, data = cached_inputs(adapter, raw, data, encoder, cfg, process)
+    model = SSLModel(encoder, data.num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
                      linear_head=objective.head == "linear")
     if cfg.model.prototype_init == "labeled_mean":  # before the EMA copies the model; a resume overwrites it
-        init_prototypes_from_labeled(model, adapter, data.labeled, data.labeled_labels, cfg.data.eval_batch_size)
+        init_prototypes_from_labeled(model, inputs, data.labeled, data.labeled_labels, cfg.data.eval_batch_size)
     if cfg.trainer.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg.trainer)
     state = TrainState(model, EMA(model, cfg.trainer.ema_decay), optimizer, objective, data.labeled_indices)
     checkpoints = run_dir / "checkpoints"
     resumed_from = resume(state, cfg, checkpoints)
-    steps_data = StepDataset(adapter, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
+    steps_data = StepDataset(inputs, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
                              [y for _, y in data.pool], cfg.data.batch_size, cfg.data.mu, objective.unlabeled_views,
                              cfg.trainer.max_steps, cfg.seed, process.process_index, process.num_processes)
 
@@ -361,11 +382,11 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
                               num_workers=workers, prefetch_factor=4 if workers else None,
                               worker_init_fn=leave_stop_signals_to_the_main_process,
                               generator=torch.Generator().manual_seed(cfg.seed), pin_memory=torch.cuda.is_available())
-    evaluator = Evaluator(adapter, data, cfg, accelerator)
+    evaluator = Evaluator(inputs, data, cfg, accelerator)
     if cfg.trainer.log_with != "none":
         hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config_to_dict(cfg)).items()}
         accelerator.init_trackers(run_dir.name, config=hparams)  # trackers accept scalars only
-    snapshot = EmbeddingSnapshot(adapter, data.labeled, data.labeled_labels, data.pool, cfg.seed, cfg.data.eval_batch_size)
+    snapshot = EmbeddingSnapshot(inputs, data.labeled, data.labeled_labels, data.pool, cfg.seed, cfg.data.eval_batch_size)
     if accelerator.is_main_process and cfg.trainer.save_embeddings and state.step == 0:
         snapshot.save(state.ema.module, accelerator.device, run_dir / "embeddings" / "step_00000000.npz")
 

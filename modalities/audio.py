@@ -1,4 +1,5 @@
-"""Audio modality: waveforms in, log-mel spectrograms computed in the encoder, a small spectrogram ResNet.
+"""Audio modality: waveforms in, log-mel spectrograms computed in the encoder; a small spectrogram ResNet
+trained from scratch, or a pretrained speech encoder (`model.encoder=pretrained`, `modality.pretrained=`).
 
 Samples are mono float waveforms at `sample_rate`, cropped or zero-padded to `clip_seconds`. Views
 work on waveforms in DataLoader workers; the mel spectrogram is part of the encoder, so it runs on the
@@ -8,6 +9,15 @@ training device (a GPU does that work when there is one).
     strong  weak + speed perturbation (resampling, +-`speed_range`) + a quiet mix with another clip of
             the data (`mix_level`) + noise at a random SNR in `snr_db` + SpecAugment-style masks: a time
             mask (zeroed samples) and a frequency mask (a band removed in the Fourier domain)
+
+Encoders (`model.encoder`):
+    spec_resnet      log-mel + a small ResNet, from random weights
+    pretrained       the encoder of a transformers speech model named by `modality.pretrained` (a hub name or a
+                     local folder; Whisper: `WhisperModel`'s encoder), on the model's own log-mel features at its
+                     sampling rate (clips are resampled in the encoder), mean-pooled over the frames that hold
+                     audio. Whisper was trained on 30-second windows; it runs on the clip's own length here
+                     (`clip_seconds`): the positional embeddings of the first frames are used, as for the start of
+                     any utterance. `model.freeze`: none, all, or N = the convolutional stem and N-1 layers.
 
 Data (`data.dataset`):
     folder           `data.root` = a folder or .tar.gz of audio files (.wav, .flac, .ogg); the label is
@@ -22,6 +32,7 @@ Data (`data.dataset`):
 from __future__ import annotations
 
 import io
+import os
 import random
 import re
 import warnings
@@ -60,6 +71,7 @@ class AudioOptions:
     snr_db: list[float] | None = None  # strong: noise SNR range in dB; default [10, 30]
     time_mask_fraction: float = 0.15  # strong: longest time mask, as a fraction of the clip
     freq_mask_fraction: float = 0.15  # strong: widest frequency mask, as a fraction of the band
+    pretrained: str | None = None  # model.encoder=pretrained: a transformers speech model, hub name or local folder
     audio_column: str = "audio"  # data.dataset=hf: the column of clips (a datasets.Audio feature, or bytes/paths)
     label_column: str = "label"  # data.dataset=hf: the column of class labels
 
@@ -85,7 +97,7 @@ class AudioModality(Modality):
     """Mono waveforms of fixed length; encoder `spec_resnet` (log-mel + small ResNet)."""
 
     Options = AudioOptions
-    encoders = ("spec_resnet",)
+    encoders = ("spec_resnet", "pretrained")
     renamed_keys = {"data.label_pattern": "modality.label_pattern"}
     # Spectrogram-CNN embeddings are unit-norm like the image ones: multi-bandwidth Gaussian MMD.
     defaults = {"model": {"encoder": "spec_resnet"},
@@ -96,6 +108,11 @@ class AudioModality(Modality):
     def __init__(self, options: AudioOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or AudioOptions(), data, model)
         self.mix_bank: torch.Tensor | None = None
+        if getattr(model, "encoder", None) == "pretrained":
+            if not self.options.pretrained:
+                raise ConfigError("model.encoder=pretrained needs modality.pretrained: a transformers speech model "
+                                  "(a hub name, or a local folder such as a save_pretrained copy of openai/whisper-tiny.en)")
+            check_pretrained_speech_model(self.options.pretrained, getattr(model, "freeze", "none"))
 
     @property
     def num_samples(self) -> int:
@@ -178,8 +195,10 @@ class AudioModality(Modality):
     # ---------------------------------------------------------------- encoder
 
     def build_encoder(self) -> nn.Module:
+        if self.model.encoder == "pretrained":
+            return WhisperAudioEncoder(self.options.pretrained or "", self.options.sample_rate)
         if self.model.encoder != "spec_resnet":
-            raise ConfigError(f"model.encoder={self.model.encoder!r} is not an audio encoder; allowed: spec_resnet")
+            raise ConfigError(f"model.encoder={self.model.encoder!r} is not an audio encoder; allowed: spec_resnet, pretrained")
         opts = self.options
         return SpectrogramResNet(opts.sample_rate, opts.n_fft, int(opts.sample_rate * opts.hop_ms / 1000), opts.n_mels,
                                  width=self.model.width or 32, depth=self.model.depth or 1)
@@ -419,3 +438,103 @@ class SpectrogramResNet(nn.Module):
         x = self.input_norm(self.spectrogram(waves))
         return self.body(x).mean(dim=(2, 3))
 
+
+
+# ---------------------------------------------------------------- pretrained speech encoders
+
+
+def speech_model_config(name: str) -> Any:
+    """The transformers config of `modality.pretrained` (config.json only: cheap, before any data loads)."""
+    from transformers import AutoConfig
+
+    local = Path(name).is_dir()
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
+    except (OSError, ValueError) as err:
+        if local:
+            raise ConfigError(f"modality.pretrained={name!r} is a folder but holds no transformers model ({err})") from None
+        raise ConfigError(f"modality.pretrained={name!r} does not exist as a folder and the model hub is not reachable "
+                          "(offline?); point modality.pretrained at a local folder written by save_pretrained") from None
+
+
+def check_pretrained_speech_model(name: str, freeze: Any) -> None:
+    config = speech_model_config(name)
+    if config.model_type != "whisper":
+        raise ConfigError(f"modality.pretrained={name!r} is a {config.model_type!r} model; the audio adapter reads "
+                          "Whisper encoders (model_type whisper)")
+    blocks = 1 + int(config.encoder_layers)
+    if isinstance(freeze, int) and freeze > blocks:
+        raise ConfigError(f"model.freeze={freeze} is deeper than {name}'s encoder: {blocks} blocks (the stem and "
+                          f"{config.encoder_layers} layers); allowed: none, all, or 0..{blocks}")
+
+
+class WhisperAudioEncoder(nn.Module):
+    """(B, T) waveforms at `sample_rate` -> Whisper's log-mel (B, 80, frames) -> its encoder -> the mean of the
+    hidden states over frames that hold audio -> (B, d_model).
+
+    The log-mel is Whisper's own (16 kHz, 25 ms Hann window, 10 ms hop, its 80 mel filters, log10 clipped 8
+    below the clip's maximum, scaled as (x + 4) / 4), computed in torch on the training device. The encoder runs
+    its convolutional stem, the positional embeddings of as many frames as the clip has, its layers and final
+    norm: the modules of `WhisperModel.encoder`, without its check that every input is 30 seconds long.
+    """
+
+    RATE = 16000
+    HOP = 160
+    N_FFT = 400
+
+    def __init__(self, name: str, sample_rate: int) -> None:
+        super().__init__()
+        from transformers import WhisperFeatureExtractor, WhisperModel
+
+        local = Path(name).is_dir()
+        offline = local or bool(os.environ.get("HF_HUB_OFFLINE"))
+        try:
+            self.net = WhisperModel.from_pretrained(name, dtype=torch.float32, local_files_only=offline).encoder
+            extractor = WhisperFeatureExtractor.from_pretrained(name, local_files_only=offline)
+        except (OSError, ValueError) as err:
+            raise DataError(f"modality.pretrained={name!r} cannot be loaded as a Whisper model ({err})") from None
+        self.sample_rate = sample_rate
+        self.feature_dim = int(self.net.config.d_model)
+        self.register_buffer("mel_filters", torch.tensor(extractor.mel_filters, dtype=torch.float32).T.contiguous(),
+                             persistent=False)  # (80, 201); from the model's own feature-extractor config
+        self.register_buffer("window", torch.hann_window(self.N_FFT), persistent=False)
+
+    def freeze_units(self) -> list[nn.Module]:
+        """The convolutional stem (with the positional embeddings), then each Transformer layer; the final norm
+        belongs to the last layer's block."""
+        stem = nn.ModuleList([self.net.conv1, self.net.conv2, self.net.embed_positions])
+        layers = list(self.net.layers)
+        layers[-1] = nn.ModuleList([layers[-1], self.net.layer_norm])
+        return [stem, *layers]
+
+    def log_mel(self, waves: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=waves.device.type, enabled=False):
+            spectrum = torch.stft(waves.float(), self.N_FFT, self.HOP, window=self.window, return_complex=True)
+            power = spectrum[..., :-1].abs() ** 2
+            mel = (self.mel_filters @ power).clamp_min(1e-10).log10()
+            mel = torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
+            return (mel + 4.0) / 4.0
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        if self.sample_rate != self.RATE:
+            import torchaudio.functional as AF
+
+            waves = AF.resample(waves.float(), self.sample_rate, self.RATE)
+        net = self.net
+        x = F.gelu(net.conv1(self.log_mel(waves).to(net.conv1.weight.dtype)))
+        x = F.gelu(net.conv2(x)).permute(0, 2, 1)
+        positions = x.shape[1]
+        if positions > net.embed_positions.num_embeddings:
+            raise DataError(f"clips of {waves.shape[-1] / self.RATE:.1f} s are longer than Whisper's 30-second window; "
+                            "lower modality.clip_seconds")
+        x = x + net.embed_positions.weight[:positions]
+        for layer in net.layers:
+            out = layer(x, None)
+            x = out[0] if isinstance(out, tuple) else out
+        hidden = net.layer_norm(x)
+        # A position covers 2 mel hops (320 samples): it holds audio where any of its samples is not silence.
+        span = self.HOP * 2
+        padded = F.pad(waves, (0, positions * span - waves.shape[-1])) if waves.shape[-1] < positions * span \
+            else waves[:, : positions * span]
+        mask = (padded.abs() > 0).view(waves.shape[0], positions, span).any(dim=2).unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)

@@ -1,0 +1,261 @@
+"""A frozen encoder's outputs, computed once and shared by every run, seed and objective that matches.
+
+With `model.freeze=all` the encoder never changes, so running it at every step is waste: a CPU spends
+nearly all of a step there. The cache runs it once per (sample, view) instead:
+
+    train.npy   (N, 1 + 2K, D) float16: per training sample (labeled candidates, pool and extra unlabeled),
+                view 0 = the clean test view, 1..K = weak views, K+1..2K = strong views
+    test.npy    (M, D) float16: the test view of each test sample
+    header.json the key and the shapes; written last, so a cache without it is incomplete
+
+Views come from one seeded stream (`VIEW_STREAM_SEED`, sample i and view v seed their own draw), so the
+same key always means the same bytes, and runs of every seed share one cache: a run's seed decides which
+cached view each step draws. Files are memory-mapped, never loaded whole. The key covers the data's
+content (a digest of every sample), the encoder's weights, the adapter's options (the views), K and the
+stream seed; a cache built for anything else is rebuilt, never reused, and so is one that is incomplete or
+does not match its header (with a warning that names it). One process builds while others wait on a lock.
+
+`CachedViews` then stands in for the adapter during training: its samples are rows of the cache, its views
+are cached rows, and its batches are `CachedInputs`, for which `SSLModel` skips the encoder. Everything else
+(splits, steps, evaluation, checkpoints) is the core's, unchanged; a trained model keeps the real encoder's
+weights, so `dmssl.load`, `predict` and `export` read raw samples as with any run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmssl.data import seeded_rng
+from dmssl.errors import CheckpointError
+from dmssl.files import remove_stale_temporaries, temporary_folder
+from dmssl.modality import Modality, RawData
+from dmssl.model import CachedInputs
+
+VIEW_STREAM_SEED = 0
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class CachedSample:
+    """A sample as the cache knows it: a row of train.npy or test.npy."""
+
+    split: str  # "train" (train and unlabeled samples) or "test"
+    row: int
+
+
+def content_digest(samples: Any) -> str:
+    """A digest of samples' content: tensors and arrays by their bytes, anything else by its repr."""
+    digest = hashlib.sha1()
+    for sample in samples:
+        if isinstance(sample, torch.Tensor):
+            digest.update(sample.detach().cpu().contiguous().numpy().tobytes())
+        elif isinstance(sample, np.ndarray):
+            digest.update(np.ascontiguousarray(sample).tobytes())
+        else:
+            digest.update(repr(sample).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def weights_digest(module: nn.Module) -> str:
+    digest = hashlib.sha1()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int) -> dict[str, Any]:
+    """What the cached bytes depend on; any change gives another cache."""
+    return {"format": FORMAT, "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
+            "options": repr(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
+            "test": content_digest(raw.test), "encoder": type(encoder).__qualname__, "weights": weights_digest(encoder),
+            "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": "float32"}
+
+
+def cache_folder(cache_dir: str | None, key: dict[str, Any]) -> Path:
+    name = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir or Path.home() / ".cache" / "dmssl") / f"features-{name}"
+
+
+class FeatureCache:
+    """An opened, complete cache: memory-mapped arrays and the K they were made with."""
+
+    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
+        header = json.loads((folder / "header.json").read_text(encoding="utf-8"))
+        if header.get("key") != key:
+            raise CheckpointError(f"{folder} was built for other data, encoder or views")
+        self.train = np.load(folder / "train.npy", mmap_mode="r")
+        self.test = np.load(folder / "test.npy", mmap_mode="r")
+        if list(self.train.shape) != header["train_shape"] or list(self.test.shape) != header["test_shape"]:
+            raise CheckpointError(f"{folder}: its arrays do not have the shapes its header records")
+        self.folder, self.views = folder, int(key["views"])
+        self.encode_seconds = float(header.get("encode_seconds", 0.0))
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.train.shape[-1])
+
+
+def open_or_build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, cache_dir: str | None,
+                  device: torch.device, batch_size: int, log: Any = print) -> FeatureCache:
+    """The cache for this data, encoder and views: opened if a complete one exists, else built (under a lock,
+    so that concurrent runs build it once)."""
+    key = cache_key(adapter, raw, encoder, views)
+    folder = cache_folder(cache_dir, key)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CheckpointError(f"data.cache_dir: cannot create {str(folder.parent)!r} for the feature cache "
+                              f"({err.strerror or err})") from None
+    if not os.access(folder.parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"data.cache_dir: {str(folder.parent)!r} is read-only; the feature cache needs a "
+                              "writable folder (set data.cache_dir)")
+    with build_lock(folder):
+        if folder.is_dir():
+            try:
+                cache = FeatureCache(folder, key)
+                log(f"feature cache: {folder} ({size_of(folder) / 2**20:.1f} MiB), built before")
+                return cache
+            except (OSError, ValueError, KeyError, CheckpointError, json.JSONDecodeError) as err:
+                warnings.warn(f"the feature cache {folder} is incomplete or corrupt ({err}); rebuilding it", stacklevel=2)
+                shutil.rmtree(folder, ignore_errors=True)
+        build(adapter, raw, encoder, views, folder, key, device, batch_size, log)
+        return FeatureCache(folder, key)
+
+
+class build_lock:
+    """An exclusive `flock` on `<folder>.lock` while a cache is looked up or built."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder.with_name(folder.name + ".lock")
+        self.handle: Any = None
+
+    def __enter__(self) -> build_lock:
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        fcntl.flock(self.handle.fileno(), fcntl.LOCK_EX)  # waits for another process's build
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+def size_of(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+@torch.no_grad()
+def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folder: Path, key: dict[str, Any],
+          device: torch.device, batch_size: int, log: Any) -> None:
+    """Encode every (sample, view) into a temporary folder, then rename it into place."""
+    from tqdm.auto import tqdm
+
+    train = list(raw.train) + list(raw.unlabeled)
+    encoder = encoder.to(device).eval()
+    remove_stale_temporaries(folder.parent)
+    staging = temporary_folder(folder)
+    started = time.monotonic()
+    try:
+        dim = int(encoder.feature_dim)
+        train_out = np.lib.format.open_memmap(staging / "train.npy", mode="w+", dtype=np.float16,
+                                              shape=(len(train), 1 + 2 * views, dim))
+        test_out = np.lib.format.open_memmap(staging / "test.npy", mode="w+", dtype=np.float16, shape=(len(raw.test), dim))
+        total = len(train) * (1 + 2 * views) + len(raw.test)
+        bar = tqdm(total=total, desc="caching features", unit="view", dynamic_ncols=True, mininterval=2.0)
+
+        def encode(view_list: list[Any]) -> np.ndarray:
+            batch = adapter.collate(view_list)
+            batch = batch.to(device) if isinstance(batch, torch.Tensor) else \
+                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            return encoder(batch).float().cpu().numpy().astype(np.float16)
+
+        for start in range(0, len(train), batch_size):
+            rows = range(start, min(start + batch_size, len(train)))
+            for v in range(1 + 2 * views):
+                made = []
+                for i in rows:  # each (sample, view) draws from its own seed: the same bytes on every rebuild
+                    with seeded_rng(VIEW_STREAM_SEED * 1_000_003 + i * (1 + 2 * views) + v):
+                        sample = train[i]
+                        made.append(adapter.test_view(sample) if v == 0 else
+                                    adapter.weak_views([sample])[0] if v <= views else adapter.strong_views([sample])[0])
+                train_out[rows.start: rows.stop, v] = encode(made)
+                bar.update(len(made))
+        for start in range(0, len(raw.test), batch_size):
+            chunk = raw.test[start: start + batch_size]
+            test_out[start: start + len(chunk)] = encode([adapter.test_view(s) for s in chunk])
+            bar.update(len(chunk))
+        bar.close()
+        train_out.flush()
+        test_out.flush()
+        del train_out, test_out
+        seconds = time.monotonic() - started
+        header = {"key": key, "train_shape": [len(train), 1 + 2 * views, dim], "test_shape": [len(raw.test), dim],
+                  "encode_seconds": round(seconds, 2), "views_per_second": round(total / max(seconds, 1e-9), 2)}
+        (staging / "header.json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"feature cache: encoded {total:,} views in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} views/s), "
+        f"{size_of(folder) / 2**20:.1f} MiB in {folder}")
+
+
+class CachedViews(Modality):
+    """The adapter during a cached run: samples are cache rows, views are cached rows, batches `CachedInputs`.
+
+    A weak view is one of the K cached weak views, drawn with Python's `random` (which the core seeds per
+    step, so the draw is part of the run's seeded, resumable stream); a strong view likewise."""
+
+    def __init__(self, inner: Modality, cache: FeatureCache) -> None:
+        super().__init__(inner.options, inner.data, inner.model)
+        self.inner, self.cache = inner, cache
+
+    def load(self) -> RawData:  # the samples come from `cached_raw_data`
+        raise NotImplementedError
+
+    def weak(self, sample: CachedSample) -> torch.Tensor:
+        return self._row(sample, random.randint(1, self.cache.views))
+
+    def strong(self, sample: CachedSample) -> torch.Tensor:
+        return self._row(sample, random.randint(self.cache.views + 1, 2 * self.cache.views))
+
+    def test_view(self, sample: CachedSample) -> torch.Tensor:
+        return self._row(sample, 0)
+
+    def _row(self, sample: CachedSample, view: int) -> torch.Tensor:
+        if sample.split == "test":
+            return torch.from_numpy(np.array(self.cache.test[sample.row], dtype=np.float32))
+        return torch.from_numpy(np.array(self.cache.train[sample.row, view], dtype=np.float32))
+
+    def collate(self, views: list[torch.Tensor]) -> CachedInputs:
+        return CachedInputs(features=torch.stack(views))
+
+    def build_encoder(self) -> nn.Module:
+        return self.inner.build_encoder()
+
+
+def cached_raw_data(raw: RawData) -> RawData:
+    """`raw` with every sample replaced by its cache row (labels, classes and groups unchanged)."""
+    n = len(raw.train)
+    return RawData(train=[CachedSample("train", i) for i in range(n)], train_labels=list(raw.train_labels),
+                   test=[CachedSample("test", j) for j in range(len(raw.test))], test_labels=list(raw.test_labels),
+                   class_names=list(raw.class_names), unlabeled=[CachedSample("train", n + i) for i in range(len(raw.unlabeled))],
+                   train_groups=raw.train_groups, test_groups=raw.test_groups)

@@ -1,0 +1,70 @@
+"""Freezing a pretrained encoder: `model.freeze`, one meaning for every modality.
+
+    model.freeze: none    every encoder parameter trains (full fine-tuning; what a GPU affords)
+    model.freeze: all     no encoder parameter trains: only the projection head, the prototypes and (for
+                          FixMatch) the linear classifier do; the encoder's outputs can then be cached
+                          (dmssl/feature_cache.py), which makes CPU training a matter of minutes
+    model.freeze: N       the encoder's lower N blocks are frozen, the rest train
+
+What a block is, the encoder says: an encoder that can be frozen in part exposes `freeze_units()`, its
+blocks from the input up (for a Transformer: the embeddings then each layer; for a CNN: the stem then each
+stage). An encoder without it can be frozen whole or not at all. A frozen part stays in eval mode during
+training (its batch-norm statistics and dropout as pretrained), whatever `model.train()` asks.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+from torch import nn
+
+from dmssl.errors import ConfigError
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
+
+
+def keep_in_eval(module: nn.Module) -> None:
+    """`module.train(True)` leaves this module (and everything under it) in eval mode."""
+    module.eval()
+    module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
+
+
+def freeze_units(encoder: nn.Module) -> list[nn.Module] | None:
+    """The encoder's blocks, input first, where it declares them (`freeze_units()`), else None."""
+    declare = getattr(encoder, "freeze_units", None)
+    return list(declare()) if callable(declare) else None
+
+
+def apply_freeze(encoder: nn.Module, freeze: int | str) -> str:
+    """Freeze `encoder` as `model.freeze` says; returns a one-line description for the run's log."""
+    if freeze in ("none", 0):
+        return "encoder: every parameter trains"
+    if freeze == "all":
+        encoder.requires_grad_(False)
+        keep_in_eval(encoder)
+        return f"encoder: frozen ({count(encoder):,} parameters); the head trains"
+    units = freeze_units(encoder)
+    if units is None:
+        raise ConfigError(f"model.freeze={freeze}: this encoder ({type(encoder).__name__}) declares no blocks to "
+                          "freeze in part; allowed: none, all")
+    if not isinstance(freeze, int) or freeze < 0:
+        raise ConfigError(f"model.freeze={freeze!r}; allowed: none, all, or a number of blocks 0..{len(units)}")
+    if freeze > len(units):
+        raise ConfigError(f"model.freeze={freeze} is deeper than the encoder's {len(units)} blocks "
+                          f"({type(encoder).__name__}); allowed: none, all, or 0..{len(units)}")
+    for unit in units[:freeze]:
+        unit.requires_grad_(False)
+        keep_in_eval(unit)
+    frozen = sum(count(u) for u in units[:freeze])
+    return f"encoder: lower {freeze} of {len(units)} blocks frozen ({frozen:,} of {count(encoder):,} parameters)"
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def is_fully_frozen(encoder: Any) -> bool:
+    return not any(p.requires_grad for p in encoder.parameters())

@@ -1,0 +1,182 @@
+"""Freezing (`model.freeze`) and the frozen-feature cache (`model.cached_views`), on the quickstart's CNN and a
+tiny random model of each freezable family."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dmssl.errors import ConfigError
+from dmssl.feature_cache import FeatureCache, cache_key, open_or_build
+from dmssl.modality import build_adapter
+from dmssl.model import CachedInputs, SSLModel
+from dmssl.pretrained import apply_freeze, is_fully_frozen, keep_in_eval
+from dmssl.recipe import resolve
+from dmssl.trainer import fit
+
+# fp32 pinned: runs are compared to each other and to the encoder's own outputs at fp16's tolerance.
+Q = ["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0", "trainer.save_embeddings=false",
+     "data.batch_size=8", "data.mu=2", "trainer.mixed_precision=no", "trainer.max_steps=6"]
+
+
+class Blocks(nn.Module):
+    """Three linear blocks with batch norm, declaring them for partial freezing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.units = nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)) for _ in range(3)])
+        self.feature_dim = 4
+
+    def freeze_units(self):
+        return list(self.units)
+
+    def forward(self, x):
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+
+def test_freeze_lower_blocks_all_and_none():
+    encoder = Blocks()
+    assert "lower 2 of 3 blocks frozen" in apply_freeze(encoder, 2)
+    assert [all(not p.requires_grad for p in u.parameters()) for u in encoder.units] == [True, True, False]
+    encoder.train()
+    assert [u.training for u in encoder.units] == [False, False, True]  # frozen blocks stay in eval mode
+    with pytest.raises(ConfigError, match="model.freeze=4 is deeper than the encoder's 3 blocks"):
+        apply_freeze(Blocks(), 4)
+    whole = Blocks()
+    apply_freeze(whole, "all")
+    assert is_fully_frozen(whole)
+    whole.train()
+    assert not whole.training and not any(u.training for u in whole.units)
+    assert "every parameter trains" in apply_freeze(Blocks(), "none")
+    with pytest.raises(ConfigError, match="declares no blocks"):
+        apply_freeze(nn.Linear(2, 2), 1)
+
+
+def test_a_frozen_module_stays_in_eval_after_a_deep_copy():
+    import copy
+
+    block = nn.BatchNorm1d(3)
+    keep_in_eval(block)
+    clone = copy.deepcopy(block)
+    clone.train()
+    assert not clone.training and not block.training
+
+
+def test_the_model_skips_its_encoder_for_cached_inputs():
+    class Refuses(nn.Module):
+        feature_dim = 4
+
+        def forward(self, x):
+            raise AssertionError("the encoder ran on cached inputs")
+
+    model = SSLModel(Refuses(), num_classes=3, proj_hidden_dim=8, proj_dim=8)
+    z = model(CachedInputs(features=torch.randn(5, 4)))
+    assert z.shape == (5, 8) and torch.allclose(z.norm(dim=1), torch.ones(5))
+
+
+def built_cache(tmp_path, views=2):
+    cfg = resolve([*Q, f"data.cache_dir={tmp_path / 'cache'}", "model.freeze=all"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    torch.manual_seed(0)  # the quickstart's CNN is random: the same weights each time, as a pretrained one has
+    encoder = adapter.build_encoder()
+    apply_freeze(encoder, "all")
+    lines = []
+    cache = open_or_build(adapter, raw, encoder, views, cfg.data.cache_dir, torch.device("cpu"), 256, log=lines.append)
+    return adapter, raw, encoder, cache, lines
+
+
+def test_cache_holds_the_encoders_outputs_and_is_reused_and_rebuilt_when_broken(tmp_path):
+    adapter, raw, encoder, cache, lines = built_cache(tmp_path)
+    assert cache.train.shape == (len(raw.train), 5, encoder.feature_dim) and cache.train.dtype == np.float16
+    assert "encoded" in lines[0] and "views/s" in lines[0]
+    with torch.no_grad():
+        clean = encoder(adapter.collate([adapter.test_view(s) for s in raw.train[:16]]))
+        test = encoder(adapter.collate([adapter.test_view(s) for s in raw.test[:16]]))
+    assert np.allclose(np.asarray(cache.train[:16, 0], dtype=np.float32), clean.numpy(), rtol=2e-3, atol=2e-3)
+    assert np.allclose(np.asarray(cache.test[:16], dtype=np.float32), test.numpy(), rtol=2e-3, atol=2e-3)
+    weak = np.asarray(cache.train[:16, 1:3], dtype=np.float32)
+    assert not np.allclose(weak[:, 0], weak[:, 1])  # two different weak views
+    # opened again: the same folder, not rebuilt
+    *_, again, lines = built_cache(tmp_path)
+    assert again.folder == cache.folder and "built before" in lines[0]
+    # another K: another cache
+    *_, other, _ = built_cache(tmp_path, views=1)
+    assert other.folder != cache.folder and other.train.shape[1] == 3
+    # torn file: detected, rebuilt with a warning naming it, the same bytes as before
+    before = np.asarray(cache.train[:, :]).copy()
+    (cache.folder / "train.npy").write_bytes((cache.folder / "train.npy").read_bytes()[:1000])
+    with pytest.warns(UserWarning, match="feature cache .* is incomplete or corrupt.*rebuilding it"):
+        *_, rebuilt, _ = built_cache(tmp_path)
+    assert np.array_equal(np.asarray(rebuilt.train), before)  # the seeded view stream: the same bytes
+
+
+def test_cache_key_changes_with_the_data_the_weights_and_the_views(tmp_path):
+    adapter, raw, encoder, cache, _ = built_cache(tmp_path)
+    key = cache_key(adapter, raw, encoder, 2)
+    assert key != cache_key(adapter, raw, encoder, 3)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(1.0)
+    assert cache_key(adapter, raw, encoder, 2)["weights"] != key["weights"]
+    raw.train[0] = raw.train[0].clone() + 1
+    assert cache_key(adapter, raw, encoder, 2)["train"] != key["train"]
+    with pytest.raises(Exception, match="other data, encoder or views"):
+        FeatureCache(cache.folder, cache_key(adapter, raw, encoder, 2))
+
+
+def test_a_cached_run_trains_shares_its_cache_across_objectives_and_resumes_bit_identically(tmp_path, capsys):
+    # (Across seeds too, for a pretrained encoder; the quickstart's CNN is initialised from the seed.)
+    cache_dir = tmp_path / "cache"
+    steps = [*Q, "model.freeze=all", "model.cached_views=2", f"data.cache_dir={cache_dir}", "trainer.checkpoint_every=3",
+             "trainer.keep_checkpoints=5"]
+    first = fit(resolve([*steps, f"output_dir={tmp_path / 'a'}"]))
+    out = capsys.readouterr().out
+    assert "encoder: frozen" in out and "feature cache: encoded" in out and first["steps"] == 6
+    fit(resolve([*steps, "objective.name=sscl", f"output_dir={tmp_path / 'b'}"]))
+    assert "built before" in capsys.readouterr().out
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+    # the encoder's weights are the pretrained ones, kept in the checkpoint: the model loads like any run
+    import shutil
+
+    import dmssl
+    from dmssl.checkpoint import list_checkpoints, load_checkpoint
+
+    clf = dmssl.load(tmp_path / "a")
+    from modalities.image import load_digits
+
+    raw = load_digits(seed=0)
+    predicted = clf.predict(raw.test)
+    confusion = np.array(json.loads((tmp_path / "a" / "confusion_matrix.json").read_text())["matrix"])
+    agree = confusion.trace() / confusion.sum()
+    assert abs((predicted == np.array(raw.test_labels)).mean() - agree) < 0.02  # fp16 cache vs fp32 encoder
+    shutil.copytree(tmp_path / "a", tmp_path / "resumed")
+    for path in list_checkpoints(tmp_path / "resumed" / "checkpoints")[1:]:
+        path.unlink()
+    fit(resolve([*steps, f"output_dir={tmp_path / 'resumed'}", "resume=auto"]))
+    a = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["model"]
+    b = load_checkpoint(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_views_zero_trains_the_frozen_encoder_without_a_cache(tmp_path, capsys):
+    summary = fit(resolve([*Q, "model.freeze=all", "model.cached_views=0", f"data.cache_dir={tmp_path / 'cache'}",
+                           f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 6 and not (tmp_path / "cache").exists()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert "feature cache" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.freeze=-1", "model.freeze=-1 must be none, all, or a number of blocks >= 0"),
+    ("model.freeze=some", "model.freeze='some' is not"),
+    ("model.cached_views=-2", "model.cached_views=-2 must be >= 0"),
+])
+def test_bad_freeze_and_cache_settings(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resolve([*Q, override])
