@@ -1,0 +1,97 @@
+"""The pretrained speech encoder of the audio adapter (`model.encoder=pretrained`), on a tiny random Whisper built
+in the test, and once on the real Whisper tiny.en kept beside the project."""
+
+import numpy as np
+import pytest
+import torch
+
+from dmssl.errors import ConfigError
+from dmssl.pretrained import apply_freeze
+from dmssl.recipe import resolve
+from modalities.audio import WhisperAudioEncoder
+from tests.conftest import ROOT, SHARED_DATA
+
+WHISPER = ROOT.parent / "shared" / "models" / "whisper-tiny.en"
+FSDD = SHARED_DATA / "fsdd" / "fsdd-recordings.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def tiny_whisper(tmp_path_factory):
+    """A 2-layer, 16-wide Whisper with random weights and the standard 80-mel feature extractor."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    folder = tmp_path_factory.mktemp("tiny-whisper")
+    config = WhisperConfig(d_model=16, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                           decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, num_mel_bins=80,
+                           max_source_positions=100, max_target_positions=16, vocab_size=64,
+                           pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=3)
+    torch.manual_seed(0)
+    WhisperModel(config).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(folder)
+    return folder
+
+
+def test_log_mel_is_whispers_own(tiny_whisper):
+    from transformers import WhisperFeatureExtractor
+
+    encoder = WhisperAudioEncoder(str(tiny_whisper), 16000)
+    wave = (0.1 * torch.sin(torch.linspace(0, 800 * np.pi, 16000)) + 0.01 * torch.randn(16000)).float()
+    ours = encoder.log_mel(wave[None])[0].numpy()
+    theirs = WhisperFeatureExtractor.from_pretrained(tiny_whisper)(
+        wave.numpy(), sampling_rate=16000, padding="do_not_pad", return_tensors="np")["input_features"][0]
+    assert ours.shape == theirs.shape == (80, 100)
+    assert np.abs(ours - theirs).max() < 1e-3
+
+
+def test_encoder_pools_over_the_frames_that_hold_audio(tiny_whisper):
+    encoder = WhisperAudioEncoder(str(tiny_whisper), 8000).eval()  # 8 kHz clips: resampled inside
+    waves = torch.zeros(3, 8000)
+    waves[0, :4000] = 0.1 * torch.randn(4000)
+    waves[1] = 0.1 * torch.randn(8000)
+    with torch.no_grad():
+        features = encoder(waves)
+    assert features.shape == (3, 16) and torch.isfinite(features).all()
+    assert torch.equal(features[2], torch.zeros(16))  # silence: no frame holds audio
+    assert [len(u) if hasattr(u, "__len__") else 1 for u in encoder.freeze_units()][:1] == [3]
+    assert len(encoder.freeze_units()) == 3  # the stem and two layers
+    assert "lower 2 of 3 blocks" in apply_freeze(encoder, 2)
+
+
+def test_recipe_checks_the_pretrained_model_before_data_loads(tiny_whisper, tmp_path, monkeypatch):
+    from dmssl.modality import build_adapter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["recipe=audio_fsdd_pretrained", "data.root=/no/such/archive.tar.gz"]
+    adapter = build_adapter(resolve([*base, f"modality.pretrained={tiny_whisper}"]))
+    assert adapter.build_encoder().feature_dim == 16
+    with pytest.raises(ConfigError, match="model.freeze=4 is deeper than .* 3 blocks"):
+        build_adapter(resolve([*base, f"modality.pretrained={tiny_whisper}", "model.freeze=4"]))
+    with pytest.raises(ConfigError, match="needs modality.pretrained"):
+        build_adapter(resolve(base))
+    with pytest.raises(ConfigError, match="does not exist as a folder and the model hub is not reachable"):
+        build_adapter(resolve([*base, "modality.pretrained=no-such-org/no-such-speech-model"]))
+    (tmp_path / "bert").mkdir()
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ConfigError, match="is a 'bert' model; the audio adapter reads Whisper encoders"):
+        build_adapter(resolve([*base, f"modality.pretrained={tmp_path / 'bert'}"]))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (WHISPER.is_dir() and FSDD.is_file()), reason="the shared Whisper tiny.en or FSDD is not beside the project")
+def test_real_whisper_tiny_en_on_real_fsdd_clips():
+    from dmssl.modality import build_adapter
+
+    cfg = resolve(["recipe=audio_fsdd_pretrained", f"data.root={FSDD}", f"modality.pretrained={WHISPER}"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    encoder = adapter.build_encoder().eval()
+    assert encoder.feature_dim == 384 and len(encoder.freeze_units()) == 5
+    picked = [next(i for i, y in enumerate(raw.test_labels) if y == k) for k in range(10)]
+    with torch.no_grad():
+        features = encoder(adapter.collate([raw.test[i] for i in picked] * 2))
+    assert torch.isfinite(features).all() and torch.allclose(features[:10], features[10:])
+    # ten different digits give ten clearly different features
+    cosine = torch.nn.functional.normalize(features[:10], dim=1) @ torch.nn.functional.normalize(features[:10], dim=1).T
+    assert cosine[~torch.eye(10, dtype=torch.bool)].max() < 0.999
