@@ -194,6 +194,18 @@ class AudioModality(Modality):
 
     # ---------------------------------------------------------------- encoder
 
+    def export_encoder(self, encoder: nn.Module, folder: Path) -> bool:
+        """A Whisper encoder as transformers writes it (`WhisperEncoder.from_pretrained(folder)` reads it back),
+        with the feature extractor's config beside it."""
+        if not isinstance(encoder, WhisperAudioEncoder):
+            return False
+        encoder.net.save_pretrained(folder)
+        encoder.extractor.save_pretrained(folder)
+        return True
+
+    def use_exported_encoder(self, folder: Path) -> None:
+        self.options.pretrained = str(folder)
+
     def build_encoder(self) -> nn.Module:
         if self.model.encoder == "pretrained":
             return WhisperAudioEncoder(self.options.pretrained or "", self.options.sample_rate)
@@ -485,12 +497,18 @@ class WhisperAudioEncoder(nn.Module):
     def __init__(self, name: str, sample_rate: int) -> None:
         super().__init__()
         from transformers import WhisperFeatureExtractor, WhisperModel
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
         local = Path(name).is_dir()
         offline = local or bool(os.environ.get("HF_HUB_OFFLINE"))
         try:
-            self.net = WhisperModel.from_pretrained(name, dtype=torch.float32, local_files_only=offline).encoder
+            config = speech_model_config(name)
+            if "WhisperEncoder" in (getattr(config, "architectures", None) or []):  # an exported encoder
+                self.net = WhisperEncoder.from_pretrained(name, dtype=torch.float32, local_files_only=offline)
+            else:
+                self.net = WhisperModel.from_pretrained(name, dtype=torch.float32, local_files_only=offline).encoder
             extractor = WhisperFeatureExtractor.from_pretrained(name, local_files_only=offline)
+            self.extractor = extractor
         except (OSError, ValueError) as err:
             raise DataError(f"modality.pretrained={name!r} cannot be loaded as a Whisper model ({err})") from None
         self.sample_rate = sample_rate

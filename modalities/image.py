@@ -52,8 +52,14 @@ class ImageOptions:
     # a regex on a file's path inside data.root ('/'-separated); its first group names the file's group (e.g. a
     # domain folder, '^([^/]+)/'), for data.labeled_groups / data.target_groups; image folders only
     group_pattern: str | None = None
+    # model.encoder=pretrained: any timm model, by name (downloaded where the hub is reachable) or a local folder
+    # (config.json + weights, as timm's hub layout); input size, mean/std and interpolation are the model's own
+    pretrained: str | None = None
+    pretrained_size: int | None = None  # resize to this square size at encode time instead of the model's own
 
     def validate(self) -> None:
+        if self.pretrained_size is not None and self.pretrained_size < 16:
+            raise ConfigError(f"modality.pretrained_size={self.pretrained_size} must be >= 16")
         check_pattern("group_pattern", self.group_pattern, "the group name", "'^([^/]+)/' for <group>/train/<class>/*")
         if self.image_size is not None and self.image_size < 4:
             raise ConfigError(f"modality.image_size={self.image_size} must be >= 4")
@@ -69,7 +75,7 @@ class ImageModality(Modality):
     """Images as uint8 (C, H, W) tensors; encoders small_cnn, wrn28_2, resnet18."""
 
     Options = ImageOptions
-    encoders = ("small_cnn", "wrn28_2", "resnet18")
+    encoders = ("small_cnn", "wrn28_2", "resnet18", "pretrained")
     # Unit-norm 128-d embeddings: a multi-bandwidth Gaussian around the median distance.
     defaults = {"distance": {"kernel": "gaussian", "median_scales": [0.5, 1.0, 2.0]}}
 
@@ -81,6 +87,9 @@ class ImageModality(Modality):
         if depth is not None and getattr(model, "encoder", None) != "wrn28_2":
             raise ConfigError(f"model.depth={depth} is not used by model.encoder={model.encoder!r}; only wrn28_2 "
                               "takes a depth (6n+4: 10, 16, 22, 28, 40)")
+        if getattr(model, "encoder", None) == "pretrained" and not self.options.pretrained:
+            raise ConfigError("model.encoder=pretrained needs modality.pretrained: a timm model name (e.g. "
+                              "tf_efficientnet_lite0) or a local folder holding one")
         if depth is not None and (depth - 4) % 6:
             raise ConfigError(f"model.depth={depth} is not a wide ResNet depth; allowed: 6n+4 (10, 16, 22, 28, 40)")
         self.in_channels = 3
@@ -111,6 +120,22 @@ class ImageModality(Modality):
         self.in_channels = int(first.shape[0])
         self.image_shape = (int(first.shape[1]), int(first.shape[2]))
         return raw
+
+    # ---------------------------------------------------------------- a pretrained encoder in timm's format
+
+    def export_encoder(self, encoder: nn.Module, folder: Path) -> bool:
+        """A timm encoder, fine-tuned or not, as timm's hub folder: `timm.create_model("local-dir:" + folder,
+        pretrained=True)` reads it back."""
+        if not isinstance(encoder, TimmEncoder):
+            return False
+        from timm.models._hub import save_for_hf
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_for_hf(encoder.net, str(folder), safe_serialization=True)
+        return True
+
+    def use_exported_encoder(self, folder: Path) -> None:
+        self.options.pretrained = str(folder)
 
     # ---------------------------------------------------------------- new samples for a trained model
 
@@ -232,6 +257,8 @@ class ImageModality(Modality):
 
     def build_encoder(self) -> nn.Module:
         name = self.model.encoder
+        if name == "pretrained":
+            return TimmEncoder(self.options.pretrained or "", self.in_channels, self.options.pretrained_size)
         factories = {"small_cnn": SmallCNN, "wrn28_2": WideResNet, "resnet18": ResNet18}
         if name not in factories:
             raise ConfigError(f"model.encoder={name!r} is not an image encoder; allowed: {', '.join(factories)}")
@@ -384,6 +411,64 @@ class ImageEncoder(nn.Module):
         if images.dtype == torch.uint8:
             images = images.float().div_(255.0)
         return (images - 0.5) / 0.25
+
+
+def create_timm_model(name: str) -> nn.Module:
+    """`timm.create_model(name, pretrained=True, num_classes=0)`: a hub name, or a local folder (timm's
+    `local-dir:` scheme); offline, a name that is not a folder is a one-line error."""
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError("model.encoder=pretrained needs timm (pip install timm)") from None
+    source = f"local-dir:{Path(name).resolve()}" if Path(name).is_dir() else name
+    try:
+        return timm.create_model(source, pretrained=True, num_classes=0)
+    except RuntimeError as err:  # an unknown architecture name
+        raise ConfigError(f"modality.pretrained={name!r} is not a timm model ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # OSError, connection and hub errors: not reachable
+        if Path(name).is_dir():
+            raise ConfigError(f"modality.pretrained={name!r} is a folder but holds no timm model ({err})") from None
+        raise ConfigError(f"modality.pretrained={name!r} could not be loaded: the model hub is not reachable "
+                          f"(offline?) and it is not a local folder ({type(err).__name__}); point "
+                          "modality.pretrained at a folder with the model's config.json and weights") from None
+
+
+class TimmEncoder(ImageEncoder):
+    """A timm model without its classifier: uint8 (B, C, H, W) at the stored size in, resized batched to the
+    model's input size (or `size`) with its interpolation, normalised with its mean and std, grey images
+    repeated to RGB; out: its pooled features (B, num_features)."""
+
+    def __init__(self, name: str, in_channels: int = 3, size: int | None = None) -> None:
+        super().__init__()
+        import timm
+
+        self.net = create_timm_model(name)
+        data_config = timm.data.resolve_data_config({}, model=self.net)
+        self.size = int(size or data_config["input_size"][-1])
+        self.interpolation = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"
+        self.in_channels, self.feature_dim = in_channels, int(self.net.num_features)
+        self.register_buffer("mean", torch.tensor(data_config["mean"]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config["std"]).view(1, 3, 1, 1), persistent=False)
+
+    def freeze_units(self) -> list[nn.Module]:
+        """timm's own coarse groups (its `group_matcher`, as used for layer-wise learning rates): the stem,
+        each stage, the head."""
+        from timm.models import group_modules
+
+        groups = group_modules(self.net, self.net.group_matcher(coarse=True))
+        return [nn.ModuleList([self.net.get_submodule(n) for n in names]) for _, names in sorted(groups.items())]
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode=self.interpolation, align_corners=False,
+                              antialias=x.shape[-1] > self.size).clamp_(0.0, 1.0)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.prepare(images))
 
 
 class SmallCNN(ImageEncoder):

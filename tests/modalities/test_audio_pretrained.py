@@ -95,3 +95,27 @@ def test_real_whisper_tiny_en_on_real_fsdd_clips():
     # ten different digits give ten clearly different features
     cosine = torch.nn.functional.normalize(features[:10], dim=1) @ torch.nn.functional.normalize(features[:10], dim=1).T
     assert cosine[~torch.eye(10, dtype=torch.bool)].max() < 0.999
+
+
+def test_a_cached_whisper_run_exports_an_encoder_transformers_reads(tiny_whisper, tmp_path, monkeypatch):
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    import dmssl
+    from dmssl.trainer import fit
+    from tests.modalities.test_audio import make_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = make_folder(tmp_path / "clips")
+    summary = fit(resolve(["recipe=audio_fsdd_pretrained", f"data.root={root}", f"modality.pretrained={tiny_whisper}",
+                           "modality.test_pattern=_[0-1]\\.wav$", "data.labels_per_class=2", "data.batch_size=4",
+                           "data.mu=2", "model.cached_views=1", f"data.cache_dir={tmp_path / 'cache'}",
+                           "trainer.max_steps=4", "trainer.eval_every=2", "trainer.progress_bar=false",
+                           "trainer.mixed_precision=no", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 4 and summary["num_test"] == 6
+    clips = [torch.randn(16000) * 0.1 for _ in range(3)]
+    clf = dmssl.load(tmp_path / "run")
+    exported = dmssl.export(tmp_path / "run", tmp_path / "export")
+    again = dmssl.load(exported)
+    assert np.allclose(again.predict_proba(clips), clf.predict_proba(clips), atol=1e-5)
+    net = WhisperEncoder.from_pretrained(exported / "encoder")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), clf.model.encoder.net.state_dict().values()))
