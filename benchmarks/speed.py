@@ -10,6 +10,10 @@
     training step (views + collate) vs the time the training step takes, per adapter on its real data
     (when the paths are given);
 (d) one real step of each recipe in each precision/layout/compile variant;
+(f) the frozen-feature cache, per pretrained recipe given (`--fsdd` with `--whisper`, `--cifar` with `--timm`):
+    caching throughput (views/s: the frozen encoder in eval mode, no gradients, on a batch of test views) and
+    a cached training step (the recipe's objective on cached features) as a ratio to a full forward+backward
+    of the encoder (`model.freeze=none`) on the same step;
 (p) the quickstart's default run (`trainer.mixed_precision=auto`, which measures) against the same run in
     fp32 (`=no`), whole runs as a user starts them, rounds interleaved; with the CPU's bf16 flags and what
     auto chose. `--sections p --write docs/results.md` fills the section of this CPU's kind.
@@ -399,6 +403,44 @@ def precision_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
+    """Caching throughput and a cached step against a full fine-tuning step, on one real step of `recipe`."""
+    from accelerate.utils import send_to_device
+
+    from dmssl.model import CachedInputs
+
+    cfg, adapter, raw, steps, _ = recipe_step(recipe)
+    item = steps[0]
+    torch.manual_seed(0)
+    encoder = adapter.build_encoder().to(DEVICE).eval()
+    views = adapter.collate([adapter.test_view(s) for s in raw.test[: cfg.data.eval_batch_size]])
+    views = send_to_device(views, DEVICE)
+    with torch.no_grad():
+        encode_s = median_time(lambda: encoder(views), repeats, warmup=1)
+        features = encoder(send_to_device(item["inputs"], DEVICE)).float().cpu()
+    cached_item = dict(item, inputs=CachedInputs(features=features))
+    medians = interleaved_medians({"full": training_step(cfg, adapter, raw.num_classes, item),
+                                   "cached": training_step(cfg, adapter, raw.num_classes, cached_item)}, repeats, warmup=1)
+    shown = " ".join(t for t in recipe if not t.startswith(("data.root=", "modality.pretrained=")))
+    return {"recipe": shown, "encoder": type(encoder).__name__, "views_per_encode": len(raw.test[: cfg.data.eval_batch_size]),
+            "encode_views_per_s": len(raw.test[: cfg.data.eval_batch_size]) / encode_s,
+            "step_samples": int(features.shape[0]), "full_step_s": medians["full"], "cached_step_s": medians["cached"],
+            "full_over_cached": medians["full"] / medians["cached"]}
+
+
+def cache_markdown(report: dict[str, Any]) -> str:
+    lines = [f"Measured {report['date']} on {report['machine']} (`{report['command']}`); medians after warm-up, one real "
+             "step of each recipe. *caching* = views/s of the frozen encoder (eval mode, no gradients); *full step* = "
+             "the recipe's objective with the encoder trained (`model.freeze=none`); *cached step* = the same objective on "
+             "cached features (`model.freeze=all`).", "",
+             "| recipe | encoder | caching (views/s) | samples per step | full step (s) | cached step (s) | full / cached |",
+             "|---|---|---|---|---|---|---|"]
+    for r in report["cache"]:
+        lines.append(f"| {r['recipe']} | {r['encoder']} | {r['encode_views_per_s']:.1f} | {r['step_samples']} | "
+                     f"{r['full_step_s']:.3f} | {r['cached_step_s']:.4f} | **{r['full_over_cached']:.0f}x** |")
+    return "\n".join(lines) + "\n"
+
+
 def cpu_description() -> dict[str, Any]:
     """The CPU's model name and native bf16 instruction sets (what auto's candidates depend on)."""
     from dmssl.precision import cpu_bf16_instructions
@@ -465,6 +507,8 @@ def main() -> int:
                         help="which recipes (c) and (d) time, of those whose data is given (default: all)")
     parser.add_argument("--sections", default="abcd",
                         help="which parts to run: any of a, b, c, d, p (default: abcd)")
+    parser.add_argument("--whisper", help="(f): a Whisper model folder or name, for the FSDD pretrained recipe")
+    parser.add_argument("--timm", help="(f): a timm model folder or name, for the CIFAR-10 pretrained recipe")
     parser.add_argument("--auto-steps", type=int, default=1500, help="(p): steps of each quickstart run (its recipe's 1500)")
     parser.add_argument("--auto-rounds", type=int, default=2, help="(p): interleaved rounds of auto and fp32")
     parser.add_argument("--variants", default=",".join(PRECISION_VARIANTS),
@@ -508,11 +552,21 @@ def main() -> int:
             report["precision"].append(precision_variants(recipe, 2 if args.quick else 5, variants))
             if args.json:
                 args.json.write_text(json.dumps(report, indent=2))
+    if "f" in args.sections:
+        cached = []
+        if args.fsdd and args.whisper:
+            cached.append(["recipe=audio_fsdd_pretrained", f"data.root={args.fsdd}", f"modality.pretrained={args.whisper}"])
+        if args.cifar and args.timm:
+            cached.append(["recipe=image_cifar10", "model.encoder=pretrained", f"data.root={args.cifar}",
+                           f"modality.pretrained={args.timm}", "modality.pretrained_size=128", "data.eval_batch_size=64"])
+        report["cache"] = [cache_costs(recipe, 2 if args.quick else 5) for recipe in cached]
     if "p" in args.sections:
         report["auto"] = auto_versus_fp32(args.auto_steps, args.auto_rounds, ["data.num_workers=0"] if args.quick else [])
         if args.json:
             args.json.write_text(json.dumps(report, indent=2))
     texts = []
+    if report.get("cache"):
+        texts.append(("feature-cache", cache_markdown(report)))
     if "auto" in report:
         texts.append((f"precision-auto-{report['auto']['cpu']['kind'].replace(' ', '-')}", auto_markdown(report)))
     if "objectives" in report:

@@ -386,6 +386,16 @@ class TransformerEncoder(nn.Module):
             for module in [getattr(self.net, "embeddings", nn.Identity()), *layers[:freeze_layers]]:
                 module.requires_grad_(False)
 
+    def freeze_units(self) -> list[nn.Module]:
+        """For `model.freeze=N`: the embeddings, then each Transformer layer (a pooler, unused, goes with the last)."""
+        layers = getattr(getattr(self.net, "encoder", None), "layer", None)
+        if layers is None:
+            raise ConfigError(f"model.freeze: {type(self.net).__name__} has no encoder.layer list to freeze in part")
+        units: list[nn.Module] = [getattr(self.net, "embeddings", nn.Identity()), *layers]
+        if getattr(self.net, "pooler", None) is not None:
+            units[-1] = nn.ModuleList([units[-1], self.net.pooler])
+        return units
+
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         hidden = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         if self.pooling == "cls":

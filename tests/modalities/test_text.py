@@ -253,3 +253,22 @@ def test_load__groups_from_a_column_survive_the_token_cache(tiny_bert, tmp_path)
     write_jsonl(tmp_path / "test.jsonl", reviews(10, 2))  # test rows without the column
     with pytest.raises(DataError, match="a test row has no 'shop' value"):
         adapter(tiny_bert, tmp_path, group_column="shop").load()
+
+
+def test_model_freeze_on_a_transformer_and_a_cached_text_run(tiny_bert, data_root, tmp_path):
+    from dmssl.pretrained import apply_freeze
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+    from modalities.text import TransformerEncoder
+
+    encoder = TransformerEncoder(str(tiny_bert))
+    assert len(encoder.freeze_units()) == 3  # the embeddings and two layers
+    assert "lower 2 of 3 blocks" in apply_freeze(encoder, 2)
+    assert not any(p.requires_grad for p in encoder.net.embeddings.parameters())
+    assert all(p.requires_grad for p in encoder.net.encoder.layer[1].parameters())
+    summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"modality.pretrained={tiny_bert}",
+                           f"data.cache_dir={tmp_path / 'cache'}", "data.labels_per_class=4", "data.batch_size=4",
+                           "data.num_workers=0", "data.test_subset=null", "modality.max_length=16", "model.freeze=all",
+                           "model.cached_views=1", "trainer.max_steps=4", "trainer.progress_bar=false",
+                           "trainer.mixed_precision=no", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 4 and any(p.name.startswith("features-") for p in (tmp_path / "cache").iterdir())
