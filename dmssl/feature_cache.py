@@ -3,9 +3,10 @@
 With `model.freeze=all` the encoder never changes, so running it at every step is waste: a CPU spends
 nearly all of a step there. The cache runs it once per (sample, view) instead:
 
-    train.npy   (N, 1 + 2K, D) float16: per training sample (labeled candidates, pool and extra unlabeled),
+    train.npy   (N, 1 + 2K, D) float16: per training sample the run uses (labeled, dev, pool; all of them unless
+                the pool is subsampled), in the data's order,
                 view 0 = the clean test view, 1..K = weak views, K+1..2K = strong views
-    test.npy    (M, D) float16: the test view of each test sample
+    test.npy    (M, D) float16: the test view of each test sample the run evaluates
     header.json the key and the shapes; written last, so a cache without it is incomplete
 
 Views come from one seeded stream (`VIEW_STREAM_SEED`, sample i and view v seed their own draw), so the
@@ -228,7 +229,7 @@ class CachedViews(Modality):
         super().__init__(inner.options, inner.data, inner.model)
         self.inner, self.cache = inner, cache
 
-    def load(self) -> RawData:  # the samples come from `cached_raw_data`
+    def load(self) -> RawData:  # its samples are the cache's rows (dmssl.trainer.cached_inputs)
         raise NotImplementedError
 
     def weak(self, sample: CachedSample) -> torch.Tensor:
@@ -250,12 +251,3 @@ class CachedViews(Modality):
 
     def build_encoder(self) -> nn.Module:
         return self.inner.build_encoder()
-
-
-def cached_raw_data(raw: RawData) -> RawData:
-    """`raw` with every sample replaced by its cache row (labels, classes and groups unchanged)."""
-    n = len(raw.train)
-    return RawData(train=[CachedSample("train", i) for i in range(n)], train_labels=list(raw.train_labels),
-                   test=[CachedSample("test", j) for j in range(len(raw.test))], test_labels=list(raw.test_labels),
-                   class_names=list(raw.class_names), unlabeled=[CachedSample("train", n + i) for i in range(len(raw.unlabeled))],
-                   train_groups=raw.train_groups, test_groups=raw.test_groups)

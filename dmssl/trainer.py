@@ -17,12 +17,13 @@ reproduces the uninterrupted run exactly: every random choice is seeded by the s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ from dmssl.data import (
     split_labeled,
 )
 from dmssl.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from dmssl.feature_cache import CachedViews, cached_raw_data, open_or_build
+from dmssl.feature_cache import CachedSample, CachedViews, open_or_build
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
@@ -187,6 +188,10 @@ class RunData:
     test: list[Any]
     test_labels: list[int]
     class_names: list[str]
+    # Where each sample came from: a training index (len(raw.train) + j for raw.unlabeled[j]), a test index.
+    dev_indices: list[int] = field(default_factory=list)
+    pool_indices: list[int] = field(default_factory=list)
+    test_indices: list[int] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -202,9 +207,23 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
     if process.num_processes > 1:
         raise ConfigError("the feature cache (model.freeze=all) trains in one process; set model.cached_views=0 "
                           "to run several processes on the full encoder")
-    cache = open_or_build(adapter, raw, encoder, cfg.model.cached_views, cfg.data.cache_dir, process.device,
+    # The cache holds the samples this run uses (all of them unless the pool or the test set is subsampled),
+    # in their original order, so that runs drawing the same samples share one cache.
+    n = len(raw.train)
+    used = sorted(set(data.labeled_indices) | set(data.dev_indices) | set(data.pool_indices))
+    tests = sorted(set(data.test_indices))
+    subset = RawData(train=[raw.train[i] if i < n else raw.unlabeled[i - n] for i in used],
+                     train_labels=[raw.train_labels[i] if i < n else -1 for i in used],
+                     test=[raw.test[j] for j in tests], test_labels=[raw.test_labels[j] for j in tests],
+                     class_names=list(raw.class_names))
+    cache = open_or_build(adapter, subset, encoder, cfg.model.cached_views, cfg.data.cache_dir, process.device,
                           cfg.data.eval_batch_size, log=process.print)
-    return CachedViews(adapter, cache), split_run_data(cached_raw_data(raw), cfg)
+    row, test_row = {i: r for r, i in enumerate(used)}, {j: r for r, j in enumerate(tests)}
+    rows = [CachedSample("train", r) for r in range(len(used))]
+    return CachedViews(adapter, cache), dataclasses.replace(
+        data, labeled=[rows[row[i]] for i in data.labeled_indices], dev=[rows[row[i]] for i in data.dev_indices],
+        pool=[(rows[row[i]], y) for i, (_, y) in zip(data.pool_indices, data.pool, strict=True)],
+        test=[CachedSample("test", test_row[j]) for j in data.test_indices])
 
 
 def split_run_data(raw: RawData, cfg: Config) -> RunData:
@@ -238,22 +257,24 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
                         f"{names[:10]}; add groups that hold them, or drop those classes from the data")
     dev_idx = split_dev(dev_draw, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
     held_out = set(dev_idx)
-    pool = [(raw.train[i], raw.train_labels[i]) for i in pool_ids if i not in held_out]
-    pool += [(sample, -1) for sample in raw.unlabeled]
-    if not pool:
+    n = len(raw.train)
+    pool_idx = [i for i in pool_ids if i not in held_out] + [n + j for j in range(len(raw.unlabeled))]
+    if not pool_idx:
         raise DataError("the unlabeled pool is empty: data.target_groups leaves no training sample")
     if cfg.data.pool_imbalance_ratio > 1.0:
-        kept = long_tailed([y for _, y in pool], raw.num_classes, cfg.data.pool_imbalance_ratio, cfg.seed + 13)
-        pool = [pool[i] for i in kept]
-    pool = [pool[i] for i in seeded_subset(len(pool), cfg.data.max_unlabeled, cfg.seed + 7)]
+        pool_labels = [raw.train_labels[i] if i < n else -1 for i in pool_idx]
+        kept = long_tailed(pool_labels, raw.num_classes, cfg.data.pool_imbalance_ratio, cfg.seed + 13)
+        pool_idx = [pool_idx[k] for k in kept]
+    pool_idx = [pool_idx[k] for k in seeded_subset(len(pool_idx), cfg.data.max_unlabeled, cfg.seed + 7)]
     test_ids = [test_ids[i] for i in seeded_subset(len(test_ids), cfg.data.test_subset, cfg.seed + 11)]
     if not test_ids:
         raise DataError("the test set is empty: data.target_groups leaves no test sample")
+    pool = [(raw.train[i], raw.train_labels[i]) if i < n else (raw.unlabeled[i - n], -1) for i in pool_idx]
     return RunData(labeled=[raw.train[i] for i in labeled_idx], labeled_labels=[raw.train_labels[i] for i in labeled_idx],
                    labeled_indices=labeled_idx, dev=[raw.train[i] for i in dev_idx],
                    dev_labels=[raw.train_labels[i] for i in dev_idx], pool=pool,
                    test=[raw.test[i] for i in test_ids], test_labels=[raw.test_labels[i] for i in test_ids],
-                   class_names=list(raw.class_names))
+                   class_names=list(raw.class_names), dev_indices=dev_idx, pool_indices=pool_idx, test_indices=test_ids)
 
 
 class Evaluator:
