@@ -12,8 +12,9 @@ nearly all of a step there. The cache runs it once per (sample, view) instead:
 Views come from one seeded stream (`VIEW_STREAM_SEED`, sample i and view v seed their own draw), so the
 same key always means the same bytes, and runs of every seed share one cache: a run's seed decides which
 cached view each step draws. Files are memory-mapped, never loaded whole. The key covers the data's
-content (a digest of every sample), the encoder's weights, the adapter's options (the views), K and the
-stream seed; a cache built for anything else is rebuilt, never reused, and so is one that is incomplete or
+content (a digest of every sample), the encoder's weights, the adapter's options (the views), K, the
+stream seed and the number format the encoder ran in (fp32, or bf16 where `trainer.mixed_precision=auto`
+measured it faster, or `=bf16`; an existing cache of either format is used before anything is measured); a cache built for anything else is rebuilt, never reused, and so is one that is incomplete or
 does not match its header (with a warning that names it). One process builds while others wait on a lock.
 
 `CachedViews` then stands in for the adapter during training: its samples are rows of the cache, its views
@@ -31,6 +32,7 @@ import random
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,12 +81,15 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int) -> dict[str, Any]:
+COMPUTED_IN = {"no": "float32", "bf16": "bfloat16"}  # the encoder's number format while caching
+
+
+def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, computed_in: str = "float32") -> dict[str, Any]:
     """What the cached bytes depend on; any change gives another cache."""
     return {"format": FORMAT, "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
             "options": repr(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
             "test": content_digest(raw.test), "encoder": type(encoder).__qualname__, "weights": weights_digest(encoder),
-            "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": "float32"}
+            "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": computed_in}
 
 
 def cache_folder(cache_dir: str | None, key: dict[str, Any]) -> Path:
@@ -112,30 +117,39 @@ class FeatureCache:
 
 
 def open_or_build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, cache_dir: str | None,
-                  device: torch.device, batch_size: int, log: Any = print) -> FeatureCache:
-    """The cache for this data, encoder and views: opened if a complete one exists, else built (under a lock,
-    so that concurrent runs build it once)."""
-    key = cache_key(adapter, raw, encoder, views)
-    folder = cache_folder(cache_dir, key)
+                  device: torch.device, batch_size: int, log: Any = print,
+                  precision: str | Callable[[], str] = "no") -> FeatureCache:
+    """The cache for this data, encoder and views: opened if a complete one exists (computed in either number
+    format), else built (under a lock, so that concurrent runs build it once) in `precision` ("no": fp32,
+    "bf16": bf16 autocast; a callable decides, e.g. by measuring, and is called only when a cache is built)."""
+    keys = {mode: cache_key(adapter, raw, encoder, views, computed_in) for mode, computed_in in COMPUTED_IN.items()}
+    folders = {mode: cache_folder(cache_dir, key) for mode, key in keys.items()}
+    parent = folders["no"].parent
     try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise CheckpointError(f"data.cache_dir: cannot create {str(folder.parent)!r} for the feature cache "
+        raise CheckpointError(f"data.cache_dir: cannot create {str(parent)!r} for the feature cache "
                               f"({err.strerror or err})") from None
-    if not os.access(folder.parent, os.W_OK | os.X_OK):
-        raise CheckpointError(f"data.cache_dir: {str(folder.parent)!r} is read-only; the feature cache needs a "
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"data.cache_dir: {str(parent)!r} is read-only; the feature cache needs a "
                               "writable folder (set data.cache_dir)")
-    with build_lock(folder):
-        if folder.is_dir():
-            try:
-                cache = FeatureCache(folder, key)
-                log(f"feature cache: {folder} ({size_of(folder) / 2**20:.1f} MiB), built before")
-                return cache
-            except (OSError, ValueError, KeyError, CheckpointError, json.JSONDecodeError) as err:
-                warnings.warn(f"the feature cache {folder} is incomplete or corrupt ({err}); rebuilding it", stacklevel=2)
-                shutil.rmtree(folder, ignore_errors=True)
-        build(adapter, raw, encoder, views, folder, key, device, batch_size, log)
-        return FeatureCache(folder, key)
+    with build_lock(folders["no"]):  # one lock for both formats: one build of the same data at a time
+        for mode, folder in folders.items():
+            if folder.is_dir():
+                try:
+                    cache = FeatureCache(folder, keys[mode])
+                    log(f"feature cache: {folder} ({size_of(folder) / 2**20:.1f} MiB, computed in "
+                        f"{COMPUTED_IN[mode]}), built before")
+                    return cache
+                except (OSError, ValueError, KeyError, CheckpointError, json.JSONDecodeError) as err:
+                    warnings.warn(f"the feature cache {folder} is incomplete or corrupt ({err}); rebuilding it",
+                                  stacklevel=2)
+                    shutil.rmtree(folder, ignore_errors=True)
+        mode = precision() if callable(precision) else precision
+        if mode not in COMPUTED_IN:
+            raise ValueError(f"cache precision {mode!r}; allowed: {', '.join(COMPUTED_IN)}")
+        build(adapter, raw, encoder, views, folders[mode], keys[mode], device, batch_size, log, mode == "bf16")
+        return FeatureCache(folders[mode], keys[mode])
 
 
 class build_lock:
@@ -165,7 +179,7 @@ def size_of(folder: Path) -> int:
 
 @torch.no_grad()
 def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folder: Path, key: dict[str, Any],
-          device: torch.device, batch_size: int, log: Any) -> None:
+          device: torch.device, batch_size: int, log: Any, bf16: bool = False) -> None:
     """Encode every (sample, view) into a temporary folder, then rename it into place."""
     from tqdm.auto import tqdm
 
@@ -186,7 +200,8 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
             batch = adapter.collate(view_list)
             batch = batch.to(device) if isinstance(batch, torch.Tensor) else \
                 {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            return encoder(batch).float().cpu().numpy().astype(np.float16)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                return encoder(batch).float().cpu().numpy().astype(np.float16)
 
         for start in range(0, len(train), batch_size):
             rows = range(start, min(start + batch_size, len(train)))
@@ -215,8 +230,8 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    log(f"feature cache: encoded {total:,} views in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} views/s), "
-        f"{size_of(folder) / 2**20:.1f} MiB in {folder}")
+    log(f"feature cache: encoded {total:,} views in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} views/s, "
+        f"{'bf16' if bf16 else 'fp32'}), {size_of(folder) / 2**20:.1f} MiB in {folder}")
 
 
 class CachedViews(Modality):

@@ -217,13 +217,32 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
                      test=[raw.test[j] for j in tests], test_labels=[raw.test_labels[j] for j in tests],
                      class_names=list(raw.class_names))
     cache = open_or_build(adapter, subset, encoder, cfg.model.cached_views, cfg.data.cache_dir, process.device,
-                          cfg.data.eval_batch_size, log=process.print)
+                          cfg.data.eval_batch_size, log=process.print,
+                          precision=lambda: caching_precision(adapter, subset, encoder, cfg, process))
     row, test_row = {i: r for r, i in enumerate(used)}, {j: r for r, j in enumerate(tests)}
     rows = [CachedSample("train", r) for r in range(len(used))]
     return CachedViews(adapter, cache), dataclasses.replace(
         data, labeled=[rows[row[i]] for i in data.labeled_indices], dev=[rows[row[i]] for i in data.dev_indices],
         pool=[(rows[row[i]], y) for i, (_, y) in zip(data.pool_indices, data.pool, strict=True)],
         test=[CachedSample("test", test_row[j]) for j in data.test_indices])
+
+
+def caching_precision(adapter: Any, subset: RawData, encoder: nn.Module, cfg: Config, process: PartialState) -> str:
+    """The number format the frozen encoder fills the cache in: `trainer.mixed_precision` as for training
+    ('auto' times the encoder on a batch of test views in fp32 and bf16 where bf16 is native); 'no' or 'bf16'."""
+    batch = send_to_device(adapter.collate([adapter.test_view(s) for s in subset.test[:64]]), process.device)
+    model = encoder.to(process.device).eval()
+
+    @torch.no_grad()
+    def measure(mode: str) -> float:
+        with Stopwatch(process.device) as watch, torch.autocast(process.device.type, dtype=torch.bfloat16,
+                                                                 enabled=mode == "bf16"):
+            model(batch)
+        return watch.seconds
+
+    chosen = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), measure=measure)
+    process.print(f"feature cache: encoding in {'bf16' if chosen.mode == 'bf16' else 'fp32'} ({chosen.reason})")
+    return "bf16" if chosen.mode == "bf16" else "no"
 
 
 def split_run_data(raw: RawData, cfg: Config) -> RunData:

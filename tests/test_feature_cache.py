@@ -180,3 +180,45 @@ def test_cached_views_zero_trains_the_frozen_encoder_without_a_cache(tmp_path, c
 def test_bad_freeze_and_cache_settings(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         resolve([*Q, override])
+
+
+def test_a_bf16_cache_is_its_own_and_an_existing_cache_is_used_before_anything_is_measured(tmp_path):
+    cfg = resolve([*Q, f"data.cache_dir={tmp_path / 'cache'}", "model.freeze=all"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    torch.manual_seed(0)
+    encoder = adapter.build_encoder()
+    apply_freeze(encoder, "all")
+    lines = []
+
+    def build(precision):
+        return open_or_build(adapter, raw, encoder, 1, cfg.data.cache_dir, torch.device("cpu"), 256,
+                             log=lines.append, precision=precision)
+
+    bf16 = build("bf16")
+    assert json.loads((bf16.folder / "header.json").read_text())["key"]["computed_in"] == "bfloat16"
+    assert "bf16" in lines[-1]
+    # asked for fp32 now: the complete bf16 cache of the same data is used, nothing is built or measured
+    assert build(lambda: pytest.fail("measured although a cache exists")).folder == bf16.folder
+    import shutil
+
+    shutil.rmtree(bf16.folder)
+    fp32 = build("no")
+    assert fp32.folder != bf16.folder
+    a, b = np.asarray(fp32.train, dtype=np.float32), np.asarray(bf16.train, dtype=np.float32)
+    assert a.shape == b.shape and np.abs(a - b).max() <= 0.05 * np.abs(a).max()  # bf16 keeps ~3 digits
+
+
+def test_auto_chooses_the_caching_format_by_measuring(monkeypatch, tmp_path, capsys):
+    import dmssl.precision as precision
+
+    monkeypatch.delenv(precision.FORCE_ENV, raising=False)
+    monkeypatch.setattr(precision, "cpu_bf16_instructions", lambda: ["amx_bf16"])
+    monkeypatch.setattr(precision, "time_candidates", lambda measure, candidates, **o: (
+        [measure(c) for c in candidates], {"no": 0.2, "bf16": 0.1})[1])
+    fit(resolve([*Q, "trainer.mixed_precision=auto", "model.freeze=all", "model.cached_views=1",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"output_dir={tmp_path / 'run'}"]))
+    out = capsys.readouterr().out
+    assert "feature cache: encoding in bf16 (auto: this CPU has amx_bf16; measured" in out
+    header = json.loads(next((tmp_path / "cache").glob("features-*/header.json")).read_text())
+    assert header["key"]["computed_in"] == "bfloat16"
