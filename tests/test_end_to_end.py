@@ -67,9 +67,12 @@ def final_weights(folder: Path) -> dict:
     return load_checkpoint(list_checkpoints(folder / "checkpoints")[-1])
 
 
-@pytest.mark.parametrize("precision", ["auto", "bf16"])
+@pytest.mark.parametrize("precision", ["no", "bf16"])
 def test_resume__sigkill_midway_then_resume_equals_uninterrupted(tmp_path, precision):
     # Distribution alignment on: its running mean of predictions must survive the restart too.
+    # Precision pinned: the straight and the killed run are two runs, and with auto each would time its own
+    # first step and might choose differently on a loaded machine. That a resumed run keeps auto's choice is
+    # tested in tests/test_precision.py.
     args = [sys.executable, "train.py", *FAST, "trainer.max_steps=40", "trainer.checkpoint_every=4",
             "trainer.eval_every=8", "trainer.keep_checkpoints=3", "pseudo_label.distribution_alignment=true",
             "pseudo_label.alignment_momentum=0.9", f"trainer.mixed_precision={precision}"]
