@@ -115,7 +115,6 @@ def export(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False,
 def replace_folder(new: Path, target: Path) -> None:
     """Move the folder `new` to `target`, replacing an existing (checked) one without a moment of neither:
     the old one is first renamed aside (`.<name>.<pid>.old`), and deleted only once the new one is in."""
-    recover_set_aside(target)
     if target.is_dir() and any(target.iterdir()):
         aside = target.with_name(f".{target.name}.{os.getpid()}.old")
         os.replace(target, aside)

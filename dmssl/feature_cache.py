@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import send_to_device
 from torch import nn
 
 from dmssl.data import seeded_rng
@@ -109,11 +110,6 @@ class FeatureCache:
         if list(self.train.shape) != header["train_shape"] or list(self.test.shape) != header["test_shape"]:
             raise CheckpointError(f"{folder}: its arrays do not have the shapes its header records")
         self.folder, self.views = folder, int(key["views"])
-        self.encode_seconds = float(header.get("encode_seconds", 0.0))
-
-    @property
-    def feature_dim(self) -> int:
-        return int(self.train.shape[-1])
 
 
 def open_or_build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, cache_dir: str | None,
@@ -197,9 +193,7 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
         bar = tqdm(total=total, desc="caching features", unit="view", dynamic_ncols=True, mininterval=2.0)
 
         def encode(view_list: list[Any]) -> np.ndarray:
-            batch = adapter.collate(view_list)
-            batch = batch.to(device) if isinstance(batch, torch.Tensor) else \
-                {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            batch = send_to_device(adapter.collate(view_list), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 return encoder(batch).float().cpu().numpy().astype(np.float16)
 

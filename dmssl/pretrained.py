@@ -14,12 +14,20 @@ training (its batch-norm statistics and dropout as pretrained), whatever `model.
 
 from __future__ import annotations
 
+import os
 import types
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from dmssl.errors import ConfigError
+
+
+def local_files_only(name: str) -> bool:
+    """`local_files_only` for a model library's `from_pretrained(name)`: a local folder, or `HF_HUB_OFFLINE`,
+    must not wait on a hub that cannot answer."""
+    return Path(name).is_dir() or bool(os.environ.get("HF_HUB_OFFLINE"))
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:

@@ -53,10 +53,11 @@ def check_not_on_import_path(folder: Path) -> None:
     """A folder on Python's import path with Python files in it (`dmssl.load(".")` from inside a shared
     export) could shadow the modules dmssl imports next: refuse, and say to load it from elsewhere."""
     resolved = folder.resolve()
-    on_path = any(Path(entry or ".").resolve() == resolved for entry in sys.path)
+    if not any(Path(entry or ".").resolve() == resolved for entry in sys.path):
+        return
     code = sorted(p.name for p in resolved.glob("*.py")) + sorted(
         p.name for p in resolved.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
-    if on_path and code:
+    if code:
         raise UntrustedCode(
             f"{str(folder)!r} is on Python's import path and holds Python code ({', '.join(code[:3])}), which the "
             "next import could run instead of dmssl's own modules; load it from another folder "

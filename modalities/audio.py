@@ -32,7 +32,6 @@ Data (`data.dataset`):
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
 import warnings
@@ -47,6 +46,7 @@ from torch import nn
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import extract_tar_safely, iter_data_files
 from dmssl.modality import Modality, RawData, check_pattern, group_of
+from dmssl.pretrained import local_files_only
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -459,11 +459,10 @@ def speech_model_config(name: str) -> Any:
     """The transformers config of `modality.pretrained` (config.json only: cheap, before any data loads)."""
     from transformers import AutoConfig
 
-    local = Path(name).is_dir()
     try:
-        return AutoConfig.from_pretrained(name, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
+        return AutoConfig.from_pretrained(name, local_files_only=local_files_only(name))
     except (OSError, ValueError) as err:
-        if local:
+        if Path(name).is_dir():
             raise ConfigError(f"modality.pretrained={name!r} is a folder but holds no transformers model ({err})") from None
         raise ConfigError(f"modality.pretrained={name!r} does not exist as a folder and the model hub is not reachable "
                           "(offline?); point modality.pretrained at a local folder written by save_pretrained") from None
@@ -499,8 +498,7 @@ class WhisperAudioEncoder(nn.Module):
         from transformers import WhisperFeatureExtractor, WhisperModel
         from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-        local = Path(name).is_dir()
-        offline = local or bool(os.environ.get("HF_HUB_OFFLINE"))
+        offline = local_files_only(name)
         try:
             config = speech_model_config(name)
             if "WhisperEncoder" in (getattr(config, "architectures", None) or []):  # an exported encoder

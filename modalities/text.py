@@ -24,7 +24,6 @@ import csv
 import gzip
 import io
 import json
-import os
 import random
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from torch import nn
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import cache_file, file_identity, read_npz_cache, stored_groups, write_npz_atomic
 from dmssl.modality import Modality, RawData
+from dmssl.pretrained import local_files_only
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -423,11 +423,10 @@ def resolve_model_path(name: str) -> str:
 
 def load_pretrained(factory: Any, path: str) -> Any:
     """`factory.from_pretrained(path)`, with a clear error instead of a hub timeout when it is not available."""
-    local = Path(path).is_dir()
     try:
-        return factory.from_pretrained(path, local_files_only=local or bool(os.environ.get("HF_HUB_OFFLINE")))
+        return factory.from_pretrained(path, local_files_only=local_files_only(path))
     except (OSError, ValueError) as err:
-        if local:
+        if Path(path).is_dir():
             raise DataError(f"modality.pretrained={path!r} is a folder but not a loadable model: {err}") from None
         raise DataError(
             f"modality.pretrained={path!r} is not available offline and could not be downloaded. Point modality.pretrained at a local "
