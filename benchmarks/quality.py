@@ -42,6 +42,7 @@ PRESETS: dict[str, list[str]] = {
     "cifar10": ["recipe=image_cifar10", "model.encoder=small_cnn", "data.num_labels=250"],
     "fsdd": ["recipe=audio_fsdd"],
     "fsdd_pretrained": ["recipe=audio_fsdd_pretrained"],  # --extra modality.pretrained=PATH/whisper-tiny.en
+    "cifar10_pretrained": ["recipe=image_cifar10_pretrained"],  # --extra modality.pretrained=PATH/tf_efficientnet_lite0
     "imdb": ["recipe=text_sentiment", "data.labels_per_class=10"],
 }
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),

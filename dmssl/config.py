@@ -31,6 +31,13 @@ class DataConfig:
     test_subset: int | None = None  # evaluate on a fixed, seeded subset of the test set
     dev_size: int = 0  # labeled training samples held out (never trained on) to choose settings on; 0: none
     max_unlabeled: int | None = None  # cap on the unlabeled pool (seeded subset)
+    train_subset: int | None = None  # draw labeled, dev and pool only from a seeded subset of the training set
+    # Seed of the train_subset, test_subset and max_unlabeled draws; None: the run's seed. A fixed value keeps
+    # the same samples for every run seed (only the labeled draw moves), so that a study shares one feature cache.
+    subset_seed: int | None = None
+    # Test on the unlabeled pool itself (transductive, as domain-adaptation benchmarks do): needs target_groups,
+    # so that the pool is the target side; its true labels then score the run and never reach training.
+    transductive_test: bool = False
     cache_dir: str | None = None  # decoded-data cache; default ~/.cache/dmssl
     # data.dataset=hf (any modality; dmssl/hf_data.py): a hub name, or data.root = save_to_disk / Parquet / Arrow
     hub_name: str | None = None  # e.g. imdb, cifar10 (where the hub is reachable)
@@ -58,6 +65,9 @@ class DataConfig:
         _positive("data.eval_batch_size", self.eval_batch_size)
         _positive("data.test_subset", self.test_subset)
         _positive("data.max_unlabeled", self.max_unlabeled)
+        _positive("data.train_subset", self.train_subset)
+        if self.subset_seed is not None and not 0 <= self.subset_seed < 2**32:
+            raise ConfigError(f"data.subset_seed={self.subset_seed} must be in [0, 2**32) or null (the run's seed)")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers={self.num_workers} must be >= 0")
         if self.dev_size < 0:
@@ -67,6 +77,15 @@ class DataConfig:
         for key in ("labeled_groups", "target_groups"):
             if getattr(self, key) is not None and not getattr(self, key):
                 raise ConfigError(f"data.{key}=[] names no group; list at least one, or leave it unset (all groups)")
+        if self.transductive_test:
+            if self.target_groups is None:
+                raise ConfigError("data.transductive_test=true tests on the unlabeled pool: set data.target_groups "
+                                  "(the target side), so that the pool holds no labeled sample")
+            shared = sorted(set(self.labeled_groups or []) & set(self.target_groups))
+            if self.labeled_groups is None or shared:
+                raise ConfigError(f"data.transductive_test=true: data.labeled_groups={self.labeled_groups} and "
+                                  f"data.target_groups={self.target_groups} must be disjoint"
+                                  + (f" (both hold {shared})" if shared else " (set labeled_groups to the source)"))
 
 
 
@@ -153,6 +172,7 @@ class TrainerConfig:
     log_with: Literal["none", "tensorboard"] = "none"
     save_embeddings: bool = True  # embeddings of 500 labeled + 500 unlabeled samples at start and end, for plots
     progress_bar: bool = True  # a tqdm bar on the main process
+    shift_report: bool = True  # at the start: labeled vs unlabeled distance of the starting encoder, against shuffles
 
     def validate(self) -> None:
         _positive("trainer.max_steps", self.max_steps)

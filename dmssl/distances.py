@@ -12,6 +12,8 @@ References:
     - [1] Bonneel et al., "Sliced and Radon Wasserstein Barycenters of Measures", JMIV 2015.
     - [2] Cuturi, "Sinkhorn Distances", NeurIPS 2013; Feydy et al., "Interpolating between Optimal
           Transport and MMD using Sinkhorn Divergences", AISTATS 2019 (debiasing).
+
+CORAL (dmssl/coral.py) and domain-adversarial alignment (dmssl/adversarial.py) register here too.
 """
 
 from __future__ import annotations
@@ -155,9 +157,15 @@ class Distance(nn.Module):
     """Base class: `forward(x, y, generator=None) -> 0-dim tensor`; only random distances use the generator.
 
     `Options` is the dataclass of its `distance.*` keys; its fields are the constructor's keyword arguments.
+    A distance that `learns` (the adversary's domain classifier) builds its parameters in `prepare(width)`,
+    which the run calls with the matched embeddings' width before it makes the optimiser.
     """
 
     Options: ClassVar[type] = NoOptions
+    learns: ClassVar[bool] = False
+
+    def prepare(self, width: int) -> None:
+        """Build parameters for (n, width) inputs; nothing for a distance that does not learn."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -273,3 +281,7 @@ def build_distance(name: str, options: Any = None, **overrides: Any) -> Distance
     """
     values = dataclasses.asdict(options) if options is not None else {}
     return DISTANCES.build(name, **(values | overrides))
+
+
+# Registered in their own files (one method each); imported here so that every distance name resolves.
+from dmssl import adversarial, coral  # noqa: E402,F401

@@ -130,6 +130,9 @@ class Objective(nn.Module):
         self.pseudo_labeller = pseudo_labeller if self.unlabeled_views else None
         self.seed = seed
 
+    def prepare(self, model: nn.Module) -> None:
+        """Build what depends on the model's sizes (a learning distance's parameters), before the optimiser."""
+
     def supervised_ce(self, emb: StepEmbeddings) -> torch.Tensor:
         return F.cross_entropy(prototype_logits(emb.labeled, emb.prototypes, self.options.temperature), emb.labels)
 
@@ -348,6 +351,11 @@ class DistributionMatching(SemiSupervisedContrastive):
     @property
     def needs_features(self) -> bool:
         return self.options.dm_space == "features"
+
+    def prepare(self, model: nn.Module) -> None:
+        assert self.distance is not None
+        width = model.encoder.feature_dim if self.needs_features else model.prototype_weights.shape[1]
+        self.distance.prepare(width)
 
     def sides_for_matching(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
         """(labeled, unlabeled) rows in the matching space; the unlabeled views that `dm_views` picks."""

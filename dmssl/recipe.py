@@ -313,7 +313,17 @@ def build_config(tree: dict[str, Any], options_cls: type | None, explicit: set[s
         check_finite(getattr(cfg, section), f"{section}.")
     check_finite(options, "modality.")
     cfg.validate()
+    check_methods_fit(cfg)
     return cfg
+
+
+def check_methods_fit(cfg: Config) -> None:
+    """Combinations of methods that would do nothing, or nothing sensible: refused before data loads."""
+    objective = method_registries()["objective"][0].get(cfg.objective.name)
+    distance = method_registries()["distance"][0].get(cfg.distance.name)
+    if getattr(distance, "learns", False) and not objective.unlabeled_views:
+        raise ConfigError(f"distance.name={cfg.distance.name} trains a domain classifier on the unlabeled data, but "
+                          f"objective.name={cfg.objective.name} uses none; choose dmssl (or another distance)")
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -67,6 +67,7 @@ from dmssl.run_dir import (
     save_train_state,
     write_run_dir,
 )
+from dmssl.shift_report import shift_report
 from dmssl.train_state import TrainState
 
 
@@ -109,13 +110,17 @@ def learning_rate(step: int, cfg: TrainerConfig) -> float:
     return cfg.lr * math.cos(math.pi * cfg.cosine_cycles * min(1.0, progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainerConfig, objective: nn.Module | None = None) -> torch.optim.Optimizer:
     """SGD or AdamW; biases, norm parameters and prototypes get no weight decay (as in FixMatch).
 
-    Each group carries `lr_scale`: `head_lr_scale` for the projection head and prototypes, 1 for the encoder.
+    Each group carries `lr_scale`: `head_lr_scale` for the projection head, prototypes and the objective's
+    own parameters (an adversary's domain classifier: new layers too), 1 for the encoder.
     """
+    named = list(model.named_parameters())
+    if objective is not None:
+        named += [(f"objective.{name}", param) for name, param in objective.named_parameters()]
     buckets: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():
+    for name, param in named:
         if param.requires_grad:
             is_head = not name.startswith("encoder.")
             decays = param.ndim > 1 and "prototype" not in name
@@ -192,6 +197,7 @@ class RunData:
     dev_indices: list[int] = field(default_factory=list)
     pool_indices: list[int] = field(default_factory=list)
     test_indices: list[int] = field(default_factory=list)
+    transductive: bool = False  # the test is the pool (test_indices are training indices)
 
     @property
     def num_classes(self) -> int:
@@ -211,7 +217,7 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
     # in their original order, so that runs drawing the same samples share one cache.
     n = len(raw.train)
     used = sorted(set(data.labeled_indices) | set(data.dev_indices) | set(data.pool_indices))
-    tests = sorted(set(data.test_indices))
+    tests = [] if data.transductive else sorted(set(data.test_indices))
     subset = RawData(train=[raw.train[i] if i < n else raw.unlabeled[i - n] for i in used],
                      train_labels=[raw.train_labels[i] if i < n else -1 for i in used],
                      test=[raw.test[j] for j in tests], test_labels=[raw.test_labels[j] for j in tests],
@@ -224,13 +230,13 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
     return CachedViews(adapter, cache), dataclasses.replace(
         data, labeled=[rows[row[i]] for i in data.labeled_indices], dev=[rows[row[i]] for i in data.dev_indices],
         pool=[(rows[row[i]], y) for i, (_, y) in zip(data.pool_indices, data.pool, strict=True)],
-        test=[CachedSample("test", test_row[j]) for j in data.test_indices])
+        test=[rows[row[i]] if data.transductive else CachedSample("test", test_row[i]) for i in data.test_indices])
 
 
 def caching_precision(adapter: Any, subset: RawData, encoder: nn.Module, cfg: Config, process: PartialState) -> str:
     """The number format the frozen encoder fills the cache in: `trainer.mixed_precision` as for training
     ('auto' times the encoder on a batch of test views in fp32 and bf16 where bf16 is native); 'no' or 'bf16'."""
-    batch = send_to_device(adapter.collate([adapter.test_view(s) for s in subset.test[:64]]), process.device)
+    batch = send_to_device(adapter.collate([adapter.test_view(s) for s in (subset.test or subset.train)[:64]]), process.device)
     model = encoder.to(process.device).eval()
 
     @torch.no_grad()
@@ -253,15 +259,19 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     that side's draw, so without groups the draws are exactly those of a run without them. With
     `data.pool_imbalance_ratio` > 1 the pool is thinned to a long-tailed class mix (`long_tailed`).
     """
-    pool_ids = range(len(raw.train))
+    subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
+    pool_ids = seeded_subset(len(raw.train), cfg.data.train_subset, subset_seed + 3)
     test_ids = list(range(len(raw.test)))
     labeled_draw = dev_draw = raw.train_labels
+    if cfg.data.train_subset is not None:  # outside the subset a label is hidden from both draws, as for groups
+        inside = set(pool_ids)
+        labeled_draw = dev_draw = [y if i in inside else -1 for i, y in enumerate(raw.train_labels)]
     if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
         source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups", len(raw.train))
         target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups", len(raw.train))
         target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test))
-        labeled_draw = [y if ok else -1 for y, ok in zip(raw.train_labels, source, strict=True)]
-        dev_draw = [y if ok else -1 for y, ok in zip(raw.train_labels, target, strict=True)]
+        labeled_draw = [y if ok else -1 for y, ok in zip(labeled_draw, source, strict=True)]
+        dev_draw = [y if ok else -1 for y, ok in zip(dev_draw, target, strict=True)]
         pool_ids = [i for i in pool_ids if target[i]]
         test_ids = [i for i in test_ids if target_test[i]]
         if cfg.data.target_groups is not None and raw.unlabeled:
@@ -284,16 +294,20 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
         pool_labels = [raw.train_labels[i] if i < n else -1 for i in pool_idx]
         kept = long_tailed(pool_labels, raw.num_classes, cfg.data.pool_imbalance_ratio, cfg.seed + 13)
         pool_idx = [pool_idx[k] for k in kept]
-    pool_idx = [pool_idx[k] for k in seeded_subset(len(pool_idx), cfg.data.max_unlabeled, cfg.seed + 7)]
-    test_ids = [test_ids[i] for i in seeded_subset(len(test_ids), cfg.data.test_subset, cfg.seed + 11)]
+    pool_idx = [pool_idx[k] for k in seeded_subset(len(pool_idx), cfg.data.max_unlabeled, subset_seed + 7)]
+    if cfg.data.transductive_test:  # the pool is the test: training indices (config checks: target side only)
+        test_ids = list(pool_idx)
+    test_ids = [test_ids[i] for i in seeded_subset(len(test_ids), cfg.data.test_subset, subset_seed + 11)]
     if not test_ids:
         raise DataError("the test set is empty: data.target_groups leaves no test sample")
     pool = [(raw.train[i], raw.train_labels[i]) if i < n else (raw.unlabeled[i - n], -1) for i in pool_idx]
+    test_from = (raw.train, raw.train_labels) if cfg.data.transductive_test else (raw.test, raw.test_labels)
     return RunData(labeled=[raw.train[i] for i in labeled_idx], labeled_labels=[raw.train_labels[i] for i in labeled_idx],
                    labeled_indices=labeled_idx, dev=[raw.train[i] for i in dev_idx],
                    dev_labels=[raw.train_labels[i] for i in dev_idx], pool=pool,
-                   test=[raw.test[i] for i in test_ids], test_labels=[raw.test_labels[i] for i in test_ids],
-                   class_names=list(raw.class_names), dev_indices=dev_idx, pool_indices=pool_idx, test_indices=test_ids)
+                   test=[test_from[0][i] for i in test_ids], test_labels=[test_from[1][i] for i in test_ids],
+                   class_names=list(raw.class_names), dev_indices=dev_idx, pool_indices=pool_idx, test_indices=test_ids,
+                   transductive=cfg.data.transductive_test)
 
 
 class Evaluator:
@@ -381,8 +395,16 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
         init_prototypes_from_labeled(model, inputs, data.labeled, data.labeled_labels, cfg.data.eval_batch_size)
     if cfg.trainer.channels_last:  # 4-D weights only; the first convolution then returns NHWC activations
         model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.trainer)
+    objective.prepare(model)
+    optimizer = build_optimizer(model, cfg.trainer, objective)
     state = TrainState(model, EMA(model, cfg.trainer.ema_decay), optimizer, objective, data.labeled_indices)
+    # How far apart labeled and unlabeled data start, before any step (and before a resume loads weights).
+    shift = None
+    if cfg.trainer.shift_report and process.is_main_process and data.pool:
+        shift = shift_report(model.to(process.device), inputs, data.labeled, [s for s, _ in data.pool], cfg.seed,
+                             process.device, cfg.data.eval_batch_size)
+        if shift is not None:
+            process.print(shift.describe())
     checkpoints = run_dir / "checkpoints"
     resumed_from = resume(state, cfg, checkpoints)
     steps_data = StepDataset(inputs, data.labeled, data.labeled_labels, [s for s, _ in data.pool],
@@ -409,6 +431,7 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
     if resumed_from:
         accelerator.print(f"resumed from {resumed_from} at step {state.step}")
     state.ema.module.to(accelerator.device)
+    objective.to(accelerator.device)  # in place: the optimiser keeps its references to a learning distance's parameters
     if cfg.trainer.compile:  # in place: parameter names, checkpoints and the EMA copy stay as they are
         model.encoder.compile()
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -525,6 +548,10 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
         "modality": cfg.modality.name,
         "encoder": cfg.model.encoder,
         "num_labeled": len(data.labeled),
+        "labels": ("every labeled sample" if cfg.data.num_labels is None and cfg.data.labels_per_class is None
+                   else "a balanced budget"),
+        "test_set": "transductive: the unlabeled pool" if data.transductive else "held out",
+        "shift": shift.record() if shift is not None else None,
         "num_unlabeled": len(data.pool),
         "num_dev": len(data.dev),
         "num_test": len(data.test),
