@@ -120,7 +120,8 @@ def test_sinkhorn__debiased_is_zero_on_identical_sets():
 DISTANCES = [("cosine", {}), ("mmd", {"kernel": "gaussian"}), ("mmd", {"kernel": "imq", "estimator": "biased"}),
              ("mmd", {"kernel": "laplacian"}), ("mmd", {"kernel": "cosine"}),
              ("wasserstein", {"method": "sliced", "num_projections": 32}),
-             ("wasserstein", {"method": "sinkhorn", "epsilon": 0.1, "iterations": 50})]
+             ("wasserstein", {"method": "sinkhorn", "epsilon": 0.1, "iterations": 50}), ("coral", {}),
+             ("coral", {"match_means": True})]
 
 
 @pytest.mark.parametrize(("name", "options"), DISTANCES)
