@@ -44,11 +44,12 @@ PRESETS: dict[str, list[str]] = {
     "fsdd_pretrained": ["recipe=audio_fsdd_pretrained"],  # --extra modality.pretrained=PATH/whisper-tiny.en
     "cifar10_pretrained": ["recipe=image_cifar10_pretrained"],  # --extra modality.pretrained=PATH/tf_efficientnet_lite0
     "imdb": ["recipe=text_sentiment", "data.labels_per_class=10"],
+    "digits_shift": ["recipe=image_digits_shift"],  # --data PATH/digits-usps-mnist.tar.gz
 }
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
          ("dmssl", "wasserstein")]
 # Cells that --cells accepts beyond the default grid.
-EXTRA_CELLS = [("fixmatch_proto", None)]
+EXTRA_CELLS = [("fixmatch_proto", None), ("dmssl", "coral"), ("dmssl", "adversarial")]
 
 
 def parse_cell(text: str) -> tuple[str, str | None]:

@@ -31,7 +31,7 @@ class DataConfig:
     test_subset: int | None = None  # evaluate on a fixed, seeded subset of the test set
     dev_size: int = 0  # labeled training samples held out (never trained on) to choose settings on; 0: none
     max_unlabeled: int | None = None  # cap on the unlabeled pool (seeded subset)
-    train_subset: int | None = None  # draw labeled, dev and pool only from a seeded subset of the training set
+    train_subset: int | None = None  # draw labeled, dev and pool only from a seeded subset of the training samples (unlabeled ones included)
     # Seed of the train_subset, test_subset and max_unlabeled draws; None: the run's seed. A fixed value keeps
     # the same samples for every run seed (only the labeled draw moves), so that a study shares one feature cache.
     subset_seed: int | None = None

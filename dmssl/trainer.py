@@ -260,10 +260,15 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     `data.pool_imbalance_ratio` > 1 the pool is thinned to a long-tailed class mix (`long_tailed`).
     """
     subset_seed = cfg.seed if cfg.data.subset_seed is None else cfg.data.subset_seed
-    pool_ids = seeded_subset(len(raw.train), cfg.data.train_subset, subset_seed + 3)
+    n = len(raw.train)
+    # data.train_subset: a seeded part of every training sample, labeled and unlabeled alike (index n + j is
+    # raw.unlabeled[j]); outside it a label is hidden from both draws, as for groups.
+    universe = seeded_subset(n + len(raw.unlabeled), cfg.data.train_subset, subset_seed + 3)
+    pool_ids = [i for i in universe if i < n]
+    extra_unlabeled = [i for i in universe if i >= n]
     test_ids = list(range(len(raw.test)))
     labeled_draw = dev_draw = raw.train_labels
-    if cfg.data.train_subset is not None:  # outside the subset a label is hidden from both draws, as for groups
+    if cfg.data.train_subset is not None:
         inside = set(pool_ids)
         labeled_draw = dev_draw = [y if i in inside else -1 for i, y in enumerate(raw.train_labels)]
     if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
@@ -286,8 +291,7 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
                         f"{names[:10]}; add groups that hold them, or drop those classes from the data")
     dev_idx = split_dev(dev_draw, labeled_idx, cfg.data.dev_size, cfg.seed + 5)
     held_out = set(dev_idx)
-    n = len(raw.train)
-    pool_idx = [i for i in pool_ids if i not in held_out] + [n + j for j in range(len(raw.unlabeled))]
+    pool_idx = [i for i in pool_ids if i not in held_out] + extra_unlabeled
     if not pool_idx:
         raise DataError("the unlabeled pool is empty: data.target_groups leaves no training sample")
     if cfg.data.pool_imbalance_ratio > 1.0:

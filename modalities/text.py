@@ -92,7 +92,7 @@ class TextModality(Modality):
     """Sequences of token ids; encoder: a Transformer from `modality.pretrained` with mean or CLS pooling."""
 
     Options = TextOptions
-    encoders = ("transformer",)
+    encoders = ("transformer", "pretrained")  # one encoder, two names: "pretrained" as for image and audio
     renamed_keys = {"model.name": "modality.pretrained", "model.pooling": "modality.pooling",
                     "model.freeze_layers": "modality.freeze_layers", "data.train_files": "modality.train_files",
                     "data.unlabeled_files": "modality.unlabeled_files", "data.test_files": "modality.test_files"}
@@ -354,8 +354,9 @@ class TextModality(Modality):
     # ---------------------------------------------------------------- encoder
 
     def build_encoder(self) -> nn.Module:
-        if self.model.encoder != "transformer":
-            raise ConfigError(f"model.encoder={self.model.encoder!r} is not a text encoder; allowed: transformer")
+        if self.model.encoder not in self.encoders:
+            raise ConfigError(f"model.encoder={self.model.encoder!r} is not a text encoder; allowed: "
+                              f"{', '.join(self.encoders)} (the same Transformer from modality.pretrained)")
         return TransformerEncoder(self.options.pretrained or DEFAULT_MODEL, self.options.pooling, self.options.freeze_layers)
 
 

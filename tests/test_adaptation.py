@@ -149,6 +149,10 @@ def test_train_subset__labeled_dev_and_pool_come_from_one_fixed_part():
         parts.append((used, data.test, data.labeled))
     assert parts[0][0] == parts[1][0] and parts[0][1] == parts[1][1]  # the same samples for every seed
     assert parts[0][2] != parts[1][2]  # while the labeled draw moves with the seed
+    # unlabeled samples are part of what the subset draws from; labels come only from labeled samples in it
+    data = split_run_data(grouped_raw(unlabeled=range(500, 620)), grouped_config("data.train_subset=120"))
+    pool = {s for s, _ in data.pool}
+    assert len(pool | set(data.dev)) == 120 and pool & set(range(500, 620)) and set(data.labeled) < set(range(120))
     with pytest.raises(ConfigError, match="data.subset_seed=-1"):
         grouped_config("data.subset_seed=-1")
 
