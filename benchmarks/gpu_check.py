@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --json gpu.json [--minutes 8]
     python benchmarks/gpu_check.py --tiny            # smoke run on a CPU (CI): small sizes, about a minute
-    python benchmarks/gpu_check.py --render gpu.json --write docs/results.md   # put a run's figures on a page
+    python benchmarks/gpu_check.py --render gpu.json --write docs/results/gpu.md   # put a run's figures on a page
 
 1. speed: one fixmatch and one dmssl training step at the CIFAR-10 recipe's batch (64 labeled + 7 x 64
    unlabeled in 2 or 3 views, WRN-28-2) in fp32, bf16 + channels-last, and bf16 + channels-last + compile;

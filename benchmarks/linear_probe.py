@@ -2,7 +2,7 @@
 
     python benchmarks/linear_probe.py recipe=text_sentiment data.root=../shared/data/imdb \
         data.dev_size=200 data.test_subset=1000 modality.max_length=64 --seeds 0 1 2 3 4 \
-        --write docs/results.md --section probe-imdb
+        --write docs/results/imdb.md --section probe-imdb
 
 A semi-supervised run with a pretrained encoder should beat what the encoder already knows. For each seed
 this takes exactly the labeled split, dev split, unlabeled pool and test subset that `train.py` draws with

@@ -1,7 +1,7 @@
 """How much the matching term moves the encoder: its gradient against the rest of the loss, in a dmssl run.
 
-    python benchmarks/matching_gradient.py runs/qs-dmssl [--batches 8] [--json out.json] [--write docs/results.md]
-    python benchmarks/matching_gradient.py --from-json out.json --write docs/results.md   # render a saved report
+    python benchmarks/matching_gradient.py runs/qs-dmssl [--batches 8] [--json out.json] [--write docs/results/matching-strength.md]
+    python benchmarks/matching_gradient.py --from-json out.json --write docs/results/matching-strength.md   # render a saved report
 
 For the untrained model (the run's seed) and for every checkpoint of the run, on the run's own training
 steps that follow it: the distance D, the weight it enters the loss with (lambda_dm times the ramp), and

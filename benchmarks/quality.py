@@ -1,6 +1,6 @@
 """Quality benchmark: objective x distance x seed grid on one modality's real data, mean +- std accuracy.
 
-    python benchmarks/quality.py digits --seeds 0 1 2 --write docs/results.md
+    python benchmarks/quality.py digits --seeds 0 1 2 --write docs/results/digits.md
     python benchmarks/quality.py cifar10 --data ../shared/data/cifar10/cifar10-jpg.tar.gz --minutes 15
     python benchmarks/quality.py fsdd --data ../shared/data/fsdd/fsdd-recordings.tar.gz --minutes 15
     python benchmarks/quality.py imdb --data ../shared/data/imdb --minutes 20

@@ -1,6 +1,6 @@
 """Speed benchmark: where a training step's time goes, as ratios measured in one run.
 
-    python benchmarks/speed.py [--quick] [--cifar PATH] [--fsdd PATH] [--imdb PATH] [--write docs/results.md]
+    python benchmarks/speed.py [--quick] [--cifar PATH] [--fsdd PATH] [--imdb PATH] [--write docs/results/speed.md]
 
 (a) step time of each objective on the same batch and encoder, relative to a plain forward+backward of
     the encoder on the same inputs (the SSL overhead), and the matching term's share of a dmssl step;
@@ -16,7 +16,7 @@
     of the encoder (`model.freeze=none`) on the same step;
 (p) the quickstart's default run (`trainer.mixed_precision=auto`, which measures) against the same run in
     fp32 (`=no`), whole runs as a user starts them, rounds interleaved; with the CPU's bf16 flags and what
-    auto chose. `--sections p --write docs/results.md` fills the section of this CPU's kind.
+    auto chose. `--sections p --write docs/results/speed.md` fills the section of this CPU's kind.
 
 Timings: median of repeated runs after warm-up, on whatever device is present (CUDA synchronised).
 Inputs for (a) and (b) are random tensors of the right shapes (timing does not depend on content).

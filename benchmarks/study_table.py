@@ -3,7 +3,7 @@
     python benchmarks/study_table.py \
         --row "-" runs/cifar-study/base/cifar10/supervised-s* \
         --row "fixed, labeled_ce_weight=1" runs/cifar-study/ce1/cifar10/dmssl-mmd-s* \
-        --commit 115a40f --write docs/results.md --section study-cifar10
+        --commit 115a40f --write docs/results/cifar10.md --section study-cifar10
 
 Each --row is a label for the setting and the run folders of its seeds (a shell glob, or a quoted one that
 this script expands). The objective, the seed and the accuracies come from each run's summary.json, so the
