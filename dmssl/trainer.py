@@ -213,11 +213,17 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
     if process.num_processes > 1:
         raise ConfigError("the feature cache (model.freeze=all) trains in one process; set model.cached_views=0 "
                           "to run several processes on the full encoder")
-    # The cache holds the samples this run uses (all of them unless the pool or the test set is subsampled),
-    # in their original order, so that runs drawing the same samples share one cache.
+    # The cache holds every sample, in the original order, unless the run draws a part (data.train_subset,
+    # max_unlabeled, test_subset): then that part. Runs that only split the same samples differently (seeds,
+    # groups, dev, a transductive test) share one cache; so do runs of one fixed part (data.subset_seed).
     n = len(raw.train)
-    used = sorted(set(data.labeled_indices) | set(data.dev_indices) | set(data.pool_indices))
-    tests = [] if data.transductive else sorted(set(data.test_indices))
+    used = (sorted(set(data.labeled_indices) | set(data.dev_indices) | set(data.pool_indices))
+            if cfg.data.train_subset is not None or cfg.data.max_unlabeled is not None
+            else list(range(n + len(raw.unlabeled))))
+    if cfg.data.test_subset is None:
+        tests = list(range(len(raw.test)))
+    else:
+        tests = [] if data.transductive else sorted(set(data.test_indices))
     subset = RawData(train=[raw.train[i] if i < n else raw.unlabeled[i - n] for i in used],
                      train_labels=[raw.train_labels[i] if i < n else -1 for i in used],
                      test=[raw.test[j] for j in tests], test_labels=[raw.test_labels[j] for j in tests],

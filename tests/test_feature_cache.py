@@ -140,6 +140,10 @@ def test_a_cached_run_trains_shares_its_cache_across_objectives_and_resumes_bit_
     fit(resolve([*steps, "objective.name=sscl", f"output_dir={tmp_path / 'b'}"]))
     assert "built before" in capsys.readouterr().out
     assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
+    # another split of the same samples (a dev split, a thinned pool) reads the same cache; a drawn part does not
+    fit(resolve([*steps, "data.dev_size=30", "data.pool_imbalance_ratio=3", f"output_dir={tmp_path / 'c'}"]))
+    assert "built before" in capsys.readouterr().out
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 1
     # the encoder's weights are the pretrained ones, kept in the checkpoint: the model loads like any run
     import shutil
 
