@@ -10,7 +10,8 @@
     training step (views + collate) vs the time the training step takes, per adapter on its real data
     (when the paths are given);
 (d) one real step of each recipe in each precision/layout/compile variant;
-(f) the frozen-feature cache, per pretrained recipe given (`--fsdd` with `--whisper`, `--cifar` with `--timm`):
+(f) the frozen-feature cache, per pretrained recipe given (`--fsdd` with `--whisper`, `--cifar` with `--timm`,
+    `--imdb` on the text recipe's MiniLM):
     caching throughput (views/s: the frozen encoder in eval mode, no gradients, on a batch of test views) and
     a cached training step (the recipe's objective on cached features) as a ratio to a full forward+backward
     of the encoder (`model.freeze=none`) on the same step;
@@ -560,6 +561,8 @@ def main() -> int:
             cached.append(["recipe=image_cifar10", "model.encoder=pretrained", f"data.root={args.cifar}",
                            f"modality.pretrained={args.timm}", "modality.pretrained_size=128", "data.eval_batch_size=64",
                            "data.batch_size=8", "data.mu=2"])  # 56 images a step: a full CPU step of EfficientNet is seconds
+        if args.imdb:  # all-MiniLM-L6-v2, installed from PyPI with the [text] extra
+            cached.append(["recipe=text_sentiment", f"data.root={args.imdb}", "data.test_subset=256"])
         report["cache"] = [cache_costs(recipe, 2 if args.quick else 5) for recipe in cached]
     if "p" in args.sections:
         report["auto"] = auto_versus_fp32(args.auto_steps, args.auto_rounds, ["data.num_workers=0"] if args.quick else [])

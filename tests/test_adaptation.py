@@ -168,3 +168,19 @@ def test_fit__summary_records_labels_test_set_and_shift(tmp_path):
     assert summary["labels"] == "a balanced budget" and summary["test_set"] == "held out"
     assert summary["shift"]["verdict"] in ("nothing to close", "a shift to close")
     assert summary["shift"]["num_labeled"] == 50 and summary["shift"]["permutations"] == 200
+
+
+def test_fit__the_shift_report_changes_nothing_the_run_draws(tmp_path):
+    from dmssl.checkpoint import load_checkpoint
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    common = ["recipe=quickstart", "trainer.max_steps=3", "trainer.eval_every=3", "data.num_workers=0",
+              "trainer.max_minutes=null", "trainer.mixed_precision=no", "trainer.progress_bar=false",
+              "trainer.save_embeddings=false"]
+    with_report = fit(resolve([*common, f"output_dir={tmp_path / 'a'}"]))
+    without = fit(resolve([*common, "trainer.shift_report=false", f"output_dir={tmp_path / 'b'}"]))
+    assert with_report["shift"] is not None and without["shift"] is None
+    a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000003.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000003.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
