@@ -275,3 +275,30 @@ def test_auto_versus_fp32__interleaves_whole_runs_and_names_the_cpu(monkeypatch)
     assert auto["auto_over_fp32_wall"] > 0 and auto["cpu"]["kind"] in ("amx", "avx512_bf16", "no native bf16")
     text = speed.auto_markdown({"date": "2026-12-01", "machine": "x86_64, 2 threads, cpu", "command": "c", "auto": auto})
     assert "| `trainer.mixed_precision=auto` (the default) | fp32 |" in text and "auto / fp32 wall time" in text
+
+
+def test_shift_reports__measures_a_recipe_as_a_run_starts_and_renders_one_row_per_label(tmp_path, monkeypatch, capsys):
+    import json
+    import sys
+
+    from benchmarks import shift_reports
+
+    out = tmp_path / "cases.json"
+    for label in ("digits", "digits"):  # the same label twice: one row, replaced
+        monkeypatch.setattr(sys, "argv", ["shift_reports.py", "--label", label, "--json", str(out), "recipe=quickstart",
+                                          "data.num_workers=0"])
+        assert shift_reports.main() == 0
+    cases = json.loads(out.read_text())
+    assert [c["label"] for c in cases] == ["digits"]
+    report = cases[0]["report"]
+    assert report["num_labeled"] == 50 and report["num_unlabeled"] == 256 and report["permutations"] == 200
+    printed = capsys.readouterr().out
+    assert "shift: MMD^2" in printed and "| digits | small_cnn (random init) | 50 / 256 |" in printed
+    # the same figures as the line a run prints at its start
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    summary = fit(resolve(["recipe=quickstart", "data.num_workers=0", "trainer.max_steps=1", "trainer.eval_every=1",
+                           "trainer.max_minutes=null", "trainer.mixed_precision=no", "trainer.progress_bar=false",
+                           "trainer.save_embeddings=false", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["shift"]["mmd2"] == report["mmd2"] and summary["shift"]["p_value"] == report["p_value"]
