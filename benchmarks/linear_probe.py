@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.speed import write_section  # noqa: E402
+from benchmarks.speed import publish  # noqa: E402
 from dmssl.data import check_raw_data  # noqa: E402
 from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.recipe import resolve  # noqa: E402
@@ -171,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
               "encoder": encoder, "seeds": seeds}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
-    text = render(report)
-    print(text)
-    if args.write:
-        write_section(args.write, args.section, text)
+    publish(render(report), args.write, args.section)
     return 0
 
 

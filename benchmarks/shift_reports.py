@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks.speed import write_section  # noqa: E402
+from benchmarks.speed import publish  # noqa: E402
 
 
 def measure(overrides: list[str]) -> dict:
@@ -97,10 +97,7 @@ def main() -> int:
             "report": record, "date": date.today().isoformat(),
             "command": "python benchmarks/shift_reports.py " + shlex.join(sys.argv[1:])}]
         args.json.write_text(json.dumps(cases, indent=2))
-    text = render(cases)
-    print(text)
-    if args.write:
-        write_section(args.write, args.section, text)
+    publish(render(cases), args.write, args.section)
     return 0
 
 

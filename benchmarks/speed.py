@@ -378,6 +378,13 @@ def write_section(path: Path, name: str, body: str) -> None:
     path.write_text(head + start + "\n" + body + end + rest.split(end, 1)[1], encoding="utf-8")
 
 
+def publish(text: str, path: Path | None, section: str) -> None:
+    """Print a rendered table and, with a path, put it between the section's markers there."""
+    print(text)
+    if path:
+        write_section(path, section, text)
+
+
 def _short(recipe: str) -> str:
     return " ".join(t for t in recipe.split() if not t.startswith("data.root="))
 
