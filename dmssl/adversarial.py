@@ -99,4 +99,4 @@ class Adversarial(Distance):
         if self.classifier is None:  # built lazily, it would be trained by no optimiser
             raise RuntimeError("Adversarial.prepare(width) builds the domain classifier; call it before the "
                                "optimiser is made, so that the optimiser trains it")
-        return adversarial_loss(self.classifier.to(x.device), x, y, self.coefficient)
+        return adversarial_loss(self.classifier, x, y, self.coefficient)
