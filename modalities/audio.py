@@ -13,11 +13,16 @@ training device (a GPU does that work when there is one).
 Encoders (`model.encoder`):
     spec_resnet      log-mel + a small ResNet, from random weights
     pretrained       the encoder of a transformers speech model named by `modality.pretrained` (a hub name or a
-                     local folder; Whisper: `WhisperModel`'s encoder), on the model's own log-mel features at its
-                     sampling rate (clips are resampled in the encoder), mean-pooled over the frames that hold
-                     audio. Whisper was trained on 30-second windows; it runs on the clip's own length here
-                     (`clip_seconds`): the positional embeddings of the first frames are used, as for the start of
-                     any utterance. `model.freeze`: none, all, or N = the convolutional stem and N-1 layers.
+                     local folder), mean-pooled over the frames that hold audio, its input made at its own
+                     sampling rate (clips are resampled in the encoder):
+                     - Whisper (`WhisperModel`'s encoder) on its own log-mel features. It was trained on 30-second
+                       windows; it runs on the clip's own length here (`clip_seconds`): the positional embeddings
+                       of the first frames are used, as for the start of any utterance.
+                     - wav2vec2, HuBERT, WavLM, data2vec-audio (`AutoModel` + `AutoFeatureExtractor`) on the
+                       waveform, normalised per clip as their feature extractor does.
+                     `model.freeze`: none, all, or N = the stem (Whisper: its two convolutions and positional
+                     embeddings; the others: the convolutional feature encoder and positional convolution) and
+                     N-1 Transformer layers.
 
 Data (`data.dataset`):
     folder           `data.root` = a folder or .tar.gz of audio files (.wav, .flac, .ogg); the label is
@@ -195,9 +200,10 @@ class AudioModality(Modality):
     # ---------------------------------------------------------------- encoder
 
     def export_encoder(self, encoder: nn.Module, folder: Path) -> bool:
-        """A Whisper encoder as transformers writes it (`WhisperEncoder.from_pretrained(folder)` reads it back),
-        with the feature extractor's config beside it."""
-        if not isinstance(encoder, WhisperAudioEncoder):
+        """A pretrained speech encoder as transformers writes it (`WhisperEncoder.from_pretrained(folder)` reads a
+        Whisper one back, `AutoModel.from_pretrained(folder)` a waveform one), with the feature extractor's config
+        beside it."""
+        if not isinstance(encoder, (WhisperAudioEncoder, WaveformSpeechEncoder)):
             return False
         encoder.net.save_pretrained(folder)
         encoder.extractor.save_pretrained(folder)
@@ -208,7 +214,7 @@ class AudioModality(Modality):
 
     def build_encoder(self) -> nn.Module:
         if self.model.encoder == "pretrained":
-            return WhisperAudioEncoder(self.options.pretrained or "", self.options.sample_rate)
+            return pretrained_speech_encoder(self.options.pretrained or "", self.options.sample_rate)
         if self.model.encoder != "spec_resnet":
             raise ConfigError(f"model.encoder={self.model.encoder!r} is not an audio encoder; allowed: spec_resnet, pretrained")
         opts = self.options
@@ -468,15 +474,46 @@ def speech_model_config(name: str) -> Any:
                           "(offline?); point modality.pretrained at a local folder written by save_pretrained") from None
 
 
+# Speech models whose input is the raw waveform (a convolutional feature encoder, then a Transformer).
+WAVEFORM_MODEL_TYPES = ("wav2vec2", "hubert", "wavlm", "data2vec-audio")
+SPEECH_MODEL_TYPES = ("whisper", *WAVEFORM_MODEL_TYPES)
+
+
+def encoder_layers(config: Any) -> int:
+    return int(config.encoder_layers if config.model_type == "whisper" else config.num_hidden_layers)
+
+
 def check_pretrained_speech_model(name: str, freeze: Any) -> None:
     config = speech_model_config(name)
-    if config.model_type != "whisper":
+    if config.model_type not in SPEECH_MODEL_TYPES:
         raise ConfigError(f"modality.pretrained={name!r} is a {config.model_type!r} model; the audio adapter reads "
-                          "Whisper encoders (model_type whisper)")
-    blocks = 1 + int(config.encoder_layers)
+                          f"Whisper encoders and waveform speech encoders (model_type one of {', '.join(SPEECH_MODEL_TYPES)})")
+    layers = encoder_layers(config)
+    blocks = 1 + layers
     if isinstance(freeze, int) and freeze > blocks:
         raise ConfigError(f"model.freeze={freeze} is deeper than {name}'s encoder: {blocks} blocks (the stem and "
-                          f"{config.encoder_layers} layers); allowed: none, all, or 0..{blocks}")
+                          f"{layers} layers); allowed: none, all, or 0..{blocks}")
+
+
+def pretrained_speech_encoder(name: str, sample_rate: int) -> nn.Module:
+    """The encoder class that reads `name`'s model type."""
+    if speech_model_config(name).model_type == "whisper":
+        return WhisperAudioEncoder(name, sample_rate)
+    return WaveformSpeechEncoder(name, sample_rate)
+
+
+def frames_holding_audio(waves: torch.Tensor, frames: int, span: int) -> torch.Tensor:
+    """(B, frames, 1) mask: frame i (samples [i * span, (i + 1) * span)) holds audio where any sample is not 0.
+
+    Clips are zero-padded (and views roll them circularly), so silence marks padding wherever it lies."""
+    total = frames * span
+    padded = F.pad(waves, (0, total - waves.shape[-1])) if waves.shape[-1] < total else waves[:, :total]
+    return (padded.abs() > 0).view(waves.shape[0], frames, span).any(dim=2).unsqueeze(-1)
+
+
+def masked_mean(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
 
 
 class WhisperAudioEncoder(nn.Module):
@@ -548,9 +585,67 @@ class WhisperAudioEncoder(nn.Module):
             out = layer(x, None)
             x = out[0] if isinstance(out, tuple) else out
         hidden = net.layer_norm(x)
-        # A position covers 2 mel hops (320 samples): it holds audio where any of its samples is not silence.
-        span = self.HOP * 2
-        padded = F.pad(waves, (0, positions * span - waves.shape[-1])) if waves.shape[-1] < positions * span \
-            else waves[:, : positions * span]
-        mask = (padded.abs() > 0).view(waves.shape[0], positions, span).any(dim=2).unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        # A position covers 2 mel hops (320 samples).
+        return masked_mean(hidden, frames_holding_audio(waves, positions, self.HOP * 2))
+
+
+class WaveformSpeechEncoder(nn.Module):
+    """(B, T) waveforms at `sample_rate` -> resampled to the model's rate -> normalised per clip as its feature
+    extractor does (zero mean, unit variance over the samples that hold audio; padding stays 0) -> the model
+    (wav2vec2, HuBERT, WavLM or data2vec-audio through `AutoModel`) -> the mean of its last hidden states over
+    the frames that hold audio -> (B, hidden_size).
+
+    No attention mask is passed: views roll clips circularly, so padding is not always at the end, and the
+    base-sized models of these families were trained on zero-padded batches without one; the pooling skips
+    padded frames instead. The model's own SpecAugment is turned off: the adapter's strong view does that work,
+    and the weak view must stay weak.
+    """
+
+    def __init__(self, name: str, sample_rate: int) -> None:
+        super().__init__()
+        from transformers import AutoFeatureExtractor, AutoModel
+
+        offline = local_files_only(name)
+        try:
+            self.net = AutoModel.from_pretrained(name, dtype=torch.float32, local_files_only=offline)
+            self.extractor = AutoFeatureExtractor.from_pretrained(name, local_files_only=offline)
+        except (OSError, ValueError) as err:
+            raise DataError(f"modality.pretrained={name!r} cannot be loaded as a speech encoder with its feature "
+                            f"extractor ({err})") from None
+        self.net.config.apply_spec_augment = False
+        self.sample_rate = sample_rate
+        self.model_rate = int(self.extractor.sampling_rate)
+        self.normalize = bool(getattr(self.extractor, "do_normalize", True))
+        self.feature_dim = int(self.net.config.hidden_size)
+        self.span = 1
+        for stride in self.net.config.conv_stride:
+            self.span *= int(stride)
+
+    def freeze_units(self) -> list[nn.Module]:
+        """The stem (the convolutional feature encoder, its projection, the convolutional positional embedding and,
+        in post-norm models, the encoder's input norm), then each Transformer layer; in pre-norm ("stable layer
+        norm") models the final norm belongs to the last layer's block."""
+        net, encoder = self.net, self.net.encoder
+        stem = [net.feature_extractor, net.feature_projection, encoder.pos_conv_embed]
+        layers = list(encoder.layers)
+        if getattr(net.config, "do_stable_layer_norm", False):
+            layers[-1] = nn.ModuleList([layers[-1], encoder.layer_norm])
+        else:
+            stem.append(encoder.layer_norm)
+        return [nn.ModuleList(stem), *layers]
+
+    def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        waves = waves.float()
+        if self.sample_rate != self.model_rate:
+            import torchaudio.functional as AF
+
+            waves = AF.resample(waves, self.sample_rate, self.model_rate)
+        holds = waves.abs() > 0
+        if self.normalize:
+            with torch.autocast(device_type=waves.device.type, enabled=False):
+                count = holds.sum(1, keepdim=True).clamp_min(1)
+                mean = (waves * holds).sum(1, keepdim=True) / count
+                var = (((waves - mean) * holds) ** 2).sum(1, keepdim=True) / count
+                waves = torch.where(holds, (waves - mean) / (var + 1e-7).sqrt(), torch.zeros_like(waves))
+        hidden = self.net(input_values=waves).last_hidden_state
+        return masked_mean(hidden, frames_holding_audio(holds.float(), hidden.shape[1], self.span))

@@ -74,7 +74,7 @@ def test_recipe_checks_the_pretrained_model_before_data_loads(tiny_whisper, tmp_
     from transformers import BertConfig
 
     BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8).save_pretrained(tmp_path / "bert")
-    with pytest.raises(ConfigError, match="is a 'bert' model; the audio adapter reads Whisper encoders"):
+    with pytest.raises(ConfigError, match="is a .bert. model; the audio adapter reads Whisper encoders and waveform speech encoders"):
         build_adapter(resolve([*base, f"modality.pretrained={tmp_path / 'bert'}"]))
 
 
@@ -97,7 +97,92 @@ def test_real_whisper_tiny_en_on_real_fsdd_clips():
     assert cosine[~torch.eye(10, dtype=torch.bool)].max() < 0.999
 
 
-def test_a_cached_whisper_run_exports_an_encoder_transformers_reads(tiny_whisper, tmp_path, monkeypatch):
+# ---------------------------------------------------------------- waveform speech encoders (wav2vec2 family)
+
+def tiny_waveform_model(folder, family: str, **extra):
+    """A 2-layer, 16-wide model of `family` with random weights, 320-sample frames, and its feature extractor."""
+    import transformers
+    from transformers import Wav2Vec2FeatureExtractor
+
+    config_class, model_class = {"wav2vec2": (transformers.Wav2Vec2Config, transformers.Wav2Vec2Model),
+                                 "hubert": (transformers.HubertConfig, transformers.HubertModel),
+                                 "wavlm": (transformers.WavLMConfig, transformers.WavLMModel)}[family]
+    config = config_class(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                          conv_dim=(8, 8, 8), conv_stride=(5, 8, 8), conv_kernel=(10, 8, 8),
+                          num_conv_pos_embeddings=8, num_conv_pos_embedding_groups=2, **extra)
+    torch.manual_seed(0)
+    model_class(config).save_pretrained(folder)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_wav2vec2(tmp_path_factory):
+    return tiny_waveform_model(tmp_path_factory.mktemp("tiny-wav2vec2"), "wav2vec2")
+
+
+@pytest.mark.parametrize("family,extra", [("wav2vec2", {}), ("hubert", {}), ("wavlm", {}),
+                                          ("wav2vec2", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"})])
+def test_waveform_encoder__the_models_own_features_pooled_over_frames_holding_audio(family, extra, tmp_path):
+    from transformers import AutoModel
+
+    from modalities.audio import WaveformSpeechEncoder, pretrained_speech_encoder
+
+    folder = tiny_waveform_model(tmp_path / family, family, **extra)
+    encoder = pretrained_speech_encoder(str(folder), 16000).eval()
+    assert isinstance(encoder, WaveformSpeechEncoder) and encoder.feature_dim == 16 and encoder.span == 320
+    torch.manual_seed(1)
+    speech = 0.1 * torch.randn(16000)
+    waves = torch.stack([speech, torch.zeros(16000)])
+    waves[1, :8000] = speech[:8000]  # the first half, then padding
+    with torch.no_grad():
+        ours = encoder(waves)
+        # by hand: the extractor's normalisation of the audio alone, the model, the mean over its frames
+        net = AutoModel.from_pretrained(folder).eval()
+        alone = [(w - w.mean()) / (w.var(unbiased=False) + 1e-7).sqrt() for w in (speech, speech[:8000])]
+        full = net(input_values=alone[0][None]).last_hidden_state[0].mean(0)
+    assert ours.shape == (2, 16) and torch.isfinite(ours).all()
+    assert torch.allclose(ours[0], full, atol=1e-5)
+    # the half clip: its padding is skipped (frames of audio only), so it is not the mean over all frames
+    padded = torch.cat([alone[1], torch.zeros(8000)])
+    with torch.no_grad():
+        every_frame = net(input_values=padded[None]).last_hidden_state[0]
+    assert torch.allclose(ours[1], every_frame[:25].mean(0), atol=1e-5)
+    assert not torch.allclose(ours[1], every_frame.mean(0), atol=1e-3)
+    units = encoder.freeze_units()
+    assert len(units) == 3  # the stem and two layers
+    norm_in_stem = not extra.get("do_stable_layer_norm")
+    assert any(m is net_m for m in units[0].modules() for net_m in [encoder.net.encoder.layer_norm]) == norm_in_stem
+    assert "lower 1 of 3 blocks" in apply_freeze(encoder, 1)
+    assert not any(p.requires_grad for p in encoder.net.feature_extractor.parameters())
+    assert all(p.requires_grad for p in encoder.net.encoder.layers[0].parameters())
+
+
+def test_waveform_encoder__8_khz_clips_are_resampled_and_silence_pools_to_zero(tiny_wav2vec2):
+    from modalities.audio import WaveformSpeechEncoder
+
+    encoder = WaveformSpeechEncoder(str(tiny_wav2vec2), 8000).eval()
+    waves = torch.zeros(2, 8000)
+    waves[0] = 0.1 * torch.randn(8000)
+    with torch.no_grad():
+        features = encoder(waves)
+    assert features.shape == (2, 16) and torch.isfinite(features).all()
+    assert torch.equal(features[1], torch.zeros(16))
+
+
+def test_waveform_encoder__recipe_checks_depth_before_data_loads(tiny_wav2vec2, monkeypatch):
+    from dmssl.modality import build_adapter
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    base = ["recipe=audio_fsdd_pretrained", "data.root=/no/such/archive.tar.gz", f"modality.pretrained={tiny_wav2vec2}"]
+    assert build_adapter(resolve(base)).build_encoder().feature_dim == 16
+    with pytest.raises(ConfigError, match="model.freeze=4 is deeper than .* 3 blocks"):
+        build_adapter(resolve([*base, "model.freeze=4"]))
+
+
+@pytest.mark.parametrize("model,reader", [("tiny_whisper", "whisper"), ("tiny_wav2vec2", "auto")])
+def test_a_cached_pretrained_run_exports_an_encoder_transformers_reads(model, reader, request, tmp_path, monkeypatch):
+    from transformers import AutoModel
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
     import dmssl
@@ -106,7 +191,8 @@ def test_a_cached_whisper_run_exports_an_encoder_transformers_reads(tiny_whisper
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = make_folder(tmp_path / "clips")
-    summary = fit(resolve(["recipe=audio_fsdd_pretrained", f"data.root={root}", f"modality.pretrained={tiny_whisper}",
+    summary = fit(resolve(["recipe=audio_fsdd_pretrained", f"data.root={root}",
+                           f"modality.pretrained={request.getfixturevalue(model)}",
                            "modality.test_pattern=_[0-1]\\.wav$", "data.labels_per_class=2", "data.batch_size=4",
                            "data.mu=2", "model.cached_views=1", f"data.cache_dir={tmp_path / 'cache'}",
                            "trainer.max_steps=4", "trainer.eval_every=2", "trainer.progress_bar=false",
@@ -117,5 +203,5 @@ def test_a_cached_whisper_run_exports_an_encoder_transformers_reads(tiny_whisper
     exported = dmssl.export(tmp_path / "run", tmp_path / "export")
     again = dmssl.load(exported)
     assert np.allclose(again.predict_proba(clips), clf.predict_proba(clips), atol=1e-5)
-    net = WhisperEncoder.from_pretrained(exported / "encoder")
+    net = (WhisperEncoder if reader == "whisper" else AutoModel).from_pretrained(exported / "encoder")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), clf.model.encoder.net.state_dict().values()))
