@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = resolve([*args.overrides, f"seed={args.seeds[0]}"])
     adapter = build_adapter(cfg)
     raw = adapter.load()
-    check_raw_data(raw)
+    check_raw_data(raw, needs_test=not cfg.data.transductive_test)
     torch.manual_seed(cfg.seed)  # an encoder without pretrained weights is the first seed's random init
     cache = FeatureCache(adapter, cfg.data.eval_batch_size)
     seeds = []

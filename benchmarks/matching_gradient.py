@@ -67,7 +67,7 @@ def measure_run(run_dir: Path, batches: int) -> list[dict[str, Any]]:
         raise ConfigError(f"{run_dir} ran objective {cfg.objective.name!r}; the matching gradient exists only for 'dmssl'")
     adapter = build_adapter(cfg)
     raw = adapter.load()
-    check_raw_data(raw)
+    check_raw_data(raw, needs_test=not cfg.data.transductive_test)
     data = split_run_data(raw, cfg)
     torch.manual_seed(cfg.seed)
     objective = objective_from_config(cfg, data.num_classes)

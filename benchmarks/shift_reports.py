@@ -45,7 +45,7 @@ def measure(overrides: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     adapter = build_adapter(cfg)
     raw = adapter.load()
-    check_raw_data(raw)
+    check_raw_data(raw, needs_test=not cfg.data.transductive_test)
     data = split_run_data(raw, cfg)
     objective = objective_from_config(cfg, data.num_classes)  # as fit: before the encoder, for the same init
     encoder = adapter.build_encoder()

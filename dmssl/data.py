@@ -220,8 +220,9 @@ class EvalCollate:
                 "labels": torch.tensor([y for _, y in items], dtype=torch.long)}
 
 
-def check_raw_data(raw: RawData) -> None:
-    """Clear errors for data that cannot train a classifier."""
+def check_raw_data(raw: RawData, needs_test: bool = True) -> None:
+    """Clear errors for data that cannot train a classifier (`needs_test=False`: a transductive run tests on its
+    unlabeled pool, so the data may hold no test set)."""
     k = raw.num_classes
     if k < 2:
         raise DataError(f"need at least 2 classes, found {k}: {raw.class_names}")
@@ -232,7 +233,7 @@ def check_raw_data(raw: RawData) -> None:
         raise DataError("the adapter returned samples and groups of different lengths")
     if len(raw.train) == 0:
         raise DataError("the training set is empty")
-    if len(raw.test) == 0:
+    if len(raw.test) == 0 and needs_test:
         raise DataError("the test set is empty")
     bad = sorted({y for y in list(raw.train_labels) + list(raw.test_labels) if y >= k or y < -1})
     if bad:

@@ -280,7 +280,8 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
     if cfg.data.labeled_groups is not None or cfg.data.target_groups is not None:
         source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups", len(raw.train))
         target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups", len(raw.train))
-        target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test))
+        target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test)) \
+            if raw.test else []  # a transductive run's data may have no test set
         labeled_draw = [y if ok else -1 for y, ok in zip(labeled_draw, source, strict=True)]
         dev_draw = [y if ok else -1 for y, ok in zip(dev_draw, target, strict=True)]
         pool_ids = [i for i in pool_ids if target[i]]
@@ -386,7 +387,7 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
     # ==== data: the adapter loads, the core splits ====
     adapter = build_adapter(cfg)
     raw = adapter.load()
-    check_raw_data(raw)
+    check_raw_data(raw, needs_test=not cfg.data.transductive_test)
     data = split_run_data(raw, cfg)
 
     if process.is_main_process:  # what predicting with the trained model needs besides weights and config

@@ -54,6 +54,8 @@ class TextOptions:
     train_files: list[str] = field(default_factory=list)  # explicit files instead of data.root's train.*
     unlabeled_files: list[str] = field(default_factory=list)  # files of unlabeled texts (optional)
     test_files: list[str] = field(default_factory=list)  # explicit test files (with train_files)
+    test_column: str | None = None  # with test_values: train-file rows whose value here is one of them are the test set
+    test_values: list[Any] = field(default_factory=list)  # e.g. test_column=fold test_values=[0]
     text_column: str = "text"
     label_column: str = "label"
     # a column naming each train and test row's group (e.g. its domain), for data.labeled_groups / target_groups
@@ -72,8 +74,11 @@ class TextOptions:
             raise ConfigError(f"modality.max_length={self.max_length} must be >= 8")
         if self.freeze_layers < 0:
             raise ConfigError(f"modality.freeze_layers={self.freeze_layers} must be >= 0")
-        if bool(self.train_files) != bool(self.test_files):
-            raise ConfigError("modality.train_files and modality.test_files go together; modality.unlabeled_files is optional")
+        if self.test_files and not self.train_files:
+            raise ConfigError("modality.test_files needs modality.train_files; modality.unlabeled_files is optional")
+        if bool(self.test_column) != bool(self.test_values):
+            raise ConfigError(f"modality.test_column={self.test_column!r} and modality.test_values={self.test_values} "
+                              "go together: the rows whose test_column value is one of test_values are the test set")
         for key in ("weak_dropout", "mask_prob", "delete_prob", "swap_prob", "span_fraction", "paraphrase_prob"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
@@ -105,6 +110,11 @@ class TextModality(Modality):
 
     def __init__(self, options: TextOptions | None, data: Any, model: Any) -> None:
         super().__init__(options or TextOptions(), data, model)
+        opts = self.options
+        if opts.train_files and not (opts.test_files or opts.test_column or getattr(data, "transductive_test", False)):
+            raise ConfigError("modality.train_files needs a test set: modality.test_files, or modality.test_column and "
+                              "modality.test_values (test rows picked from the train files), or "
+                              "data.transductive_test=true (the unlabeled pool is the test)")
         self._tokenizer = None
         self.source_class_names: list[str] = []
 
@@ -185,15 +195,15 @@ class TextModality(Modality):
         return cache_file(self.data.cache_dir, "text", [file_identity(f) for f in files],
                           resolve_model_path(self.options.pretrained or DEFAULT_MODEL), opts.max_length, opts.text_column,
                           opts.label_column, opts.paraphrase_column, opts.class_names,
-                          *([opts.group_column] if opts.group_column else []))
+                          *([opts.group_column] if opts.group_column else []),
+                          *([opts.test_column, [str(v) for v in opts.test_values]] if opts.test_column else []))
 
     def read_rows(self) -> dict[str, list[dict[str, Any]]]:
         data, opts = self.data, self.options
-        if opts.train_files or opts.test_files:
-            if not (opts.train_files and opts.test_files):
-                raise DataError("modality.train_files and modality.test_files go together; modality.unlabeled_files is optional")
+        if opts.train_files:
             files = {"train": opts.train_files, "test": opts.test_files, "unsup": opts.unlabeled_files}
-            return {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
+            rows = {split: [row for f in paths for row in read_table(Path(f))] for split, paths in files.items()}
+            return self.test_rows_from_train(rows) if opts.test_column else rows
         if data.dataset == "hf":
             if opts.group_column is not None:
                 raise ConfigError(f"modality.group_column={opts.group_column!r} works with files (data.root, "
@@ -207,6 +217,20 @@ class TextModality(Modality):
             f"data.dataset={data.dataset!r} with no data.root: give data.root (a folder with train/unsup/test "
             "JSON-lines, CSV or Parquet files) or modality.train_files and modality.test_files"
         )
+
+    def test_rows_from_train(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """Move the train rows whose `test_column` value is one of `test_values` to the test set."""
+        column, wanted = self.options.test_column, {str(v) for v in self.options.test_values}
+        train, test, seen = [], list(rows["test"]), set()
+        for row in rows["train"]:
+            if column not in row:
+                raise DataError(f"a train row has no {column!r} column (modality.test_column; columns: {sorted(row)[:8]})")
+            seen.add(str(row[column]))
+            (test if str(row[column]) in wanted else train).append(row)
+        if not wanted & seen:
+            raise DataError(f"modality.test_values={self.options.test_values} matches no train row's {column!r}; "
+                            f"its values are {sorted(seen)[:10]}")
+        return {**rows, "train": train, "test": test}
 
     def read_hf_rows(self) -> dict[str, list[dict[str, Any]]]:
         """data.dataset=hf: the text and label columns as rows; the label feature's names become class names."""

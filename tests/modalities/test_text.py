@@ -13,7 +13,7 @@ import torch
 
 from dmssl.config import DataConfig, ModelConfig
 from dmssl.data import seeded_rng
-from dmssl.errors import DataError
+from dmssl.errors import ConfigError, DataError
 from modalities.text import TextModality, TextOptions, TextSample, read_table, resolve_model_path
 
 FILLER = [f"w{i}" for i in range(100)]
@@ -272,3 +272,50 @@ def test_model_freeze_on_a_transformer_and_a_cached_text_run(tiny_bert, data_roo
                            "model.cached_views=1", "trainer.max_steps=4", "trainer.progress_bar=false",
                            "trainer.mixed_precision=no", f"output_dir={tmp_path / 'run'}"]))
     assert summary["steps"] == 4 and any(p.name.startswith("features-") for p in (tmp_path / "cache").iterdir())
+
+
+def domain_reviews():
+    """40 synthetic reviews in two shops, each with a fold 0-4 (Amazon multi-domain's columns)."""
+    return [dict(r, shop="north" if i < 20 else "south", fold=i % 5) for i, r in enumerate(reviews(40, 0))]
+
+
+def test_load__test_rows_picked_from_the_train_files_by_a_column(tiny_bert, tmp_path):
+    write_jsonl(tmp_path / "all.jsonl", domain_reviews())
+
+    def load(**options):
+        return TextModality(TextOptions(max_length=16, class_names=["neg", "pos"], pretrained=str(tiny_bert),
+                                        train_files=[str(tmp_path / "all.jsonl")], group_column="shop", **options),
+                            DataConfig(dataset="files", cache_dir=str(tmp_path / "cache")),
+                            ModelConfig(encoder="transformer")).load()
+
+    raw = load(test_column="fold", test_values=[0])
+    assert len(raw.train) == 32 and len(raw.test) == 8  # fold 0 of each shop
+    assert raw.test_groups == ["north"] * 4 + ["south"] * 4
+    assert len(load(test_column="fold", test_values=[0, "1"]).test) == 16  # values compare as text; a new cache key
+    with pytest.raises(DataError, match=r"modality.test_values=\[7\] matches no train row's 'fold'; its values are"):
+        load(test_column="fold", test_values=[7])
+    with pytest.raises(DataError, match="a train row has no 'split' column"):
+        load(test_column="split", test_values=["test"])
+    with pytest.raises(ConfigError, match="modality.test_column='fold' and modality.test_values=\\[\\] go together"):
+        TextOptions(train_files=["all.jsonl"], test_column="fold").validate()
+    with pytest.raises(ConfigError, match="modality.train_files needs a test set"):
+        load()
+
+
+def test_transductive_cross_domain_run_needs_no_test_file(tiny_bert, tmp_path):
+    """Every north review labeled, the south ones the unlabeled pool and the test: Amazon's protocol, in small."""
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    write_jsonl(tmp_path / "all.jsonl", domain_reviews())
+    base = ["recipe=text_sentiment_mpnet", f"modality.pretrained={tiny_bert}", f"modality.train_files=[{tmp_path / 'all.jsonl'}]",
+            "modality.group_column=shop", "data.labeled_groups=[north]", "data.target_groups=[south]",
+            "data.labels_per_class=null", "data.train_subset=null", "data.test_subset=null", "data.dev_size=4",
+            "data.batch_size=4", "data.mu=1", "modality.max_length=16", f"data.cache_dir={tmp_path / 'cache'}",
+            "model.cached_views=1", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.progress_bar=false",
+            "trainer.mixed_precision=no"]
+    summary = fit(resolve([*base, "data.transductive_test=true", f"output_dir={tmp_path / 'run'}"]))
+    assert summary["steps"] == 4 and summary["test_set"].startswith("transductive")
+    assert summary["num_test"] == 16 and summary["num_labeled"] == 20  # the pool (20 less 4 dev) and every north label
+    folds = fit(resolve([*base, "modality.test_column=fold", "modality.test_values=[0]", f"output_dir={tmp_path / 'folds'}"]))
+    assert folds["test_set"] == "held out" and folds["num_test"] == 4 and folds["num_labeled"] == 16
