@@ -13,16 +13,22 @@ Every cell is a `train.py` run (a subprocess) under the same budget; a finished 
 equals the cell's resolved config is reused (its summary.json), so an interrupted grid continues where it
 stopped and a changed budget reruns the cell. Raw results go to a JSON file, the
 table to stdout and, with --write, into the `quality-<modality>` section of a markdown file.
+
+`--jobs N` runs N cells at a time, each with its share of the CPU's threads (OMP_NUM_THREADS = cores / N,
+unless set): for runs on cached frozen features, whose steps are too small to use every core, that finishes a
+grid sooner. Results do not depend on it (each run is seeded; the summaries record their thread count).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from datetime import date
 from pathlib import Path
@@ -95,7 +101,10 @@ def run_cell(args: argparse.Namespace, objective: str, distance: str | None, see
     if finished_with_same_config(out, command[2:]):
         return json.loads((out / "summary.json").read_text())
     print("+", " ".join(command[1:]), flush=True)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"run failed ({result.returncode}): {result.stderr[-2000:]}")
     return json.loads((out / "summary.json").read_text())
@@ -160,11 +169,17 @@ def main() -> int:
                         "(a cell whose finished run has another config reruns in place: give each set of extras its own "
                         "--runs folder to keep both)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
+    parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
     args = parser.parse_args()
+    if args.jobs < 1:
+        parser.error(f"--jobs={args.jobs}; allowed: 1 or more")
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {(o, d, seed): pool.submit(run_cell, args, o, d, seed) for o, d in args.cells for seed in args.seeds}
+        finished = {cell: future.result() for cell, future in futures.items()}
     rows, summaries = [], []
     for objective, distance in args.cells:
-        cell = [run_cell(args, objective, distance, seed) for seed in args.seeds]
+        cell = [finished[(objective, distance, seed)] for seed in args.seeds]
         summaries += cell
         rows.append({"objective": objective, "distance": distance, "accuracies": [s["test_accuracy"] for s in cell],
                      "dev_accuracies": [s["dev_accuracy"] for s in cell if s.get("dev_accuracy") is not None],

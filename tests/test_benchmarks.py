@@ -302,3 +302,33 @@ def test_shift_reports__measures_a_recipe_as_a_run_starts_and_renders_one_row_pe
                            "trainer.max_minutes=null", "trainer.mixed_precision=no", "trainer.progress_bar=false",
                            "trainer.save_embeddings=false", f"output_dir={tmp_path / 'run'}"]))
     assert summary["shift"]["mmd2"] == report["mmd2"] and summary["shift"]["p_value"] == report["p_value"]
+
+
+def test_quality_jobs__cells_run_concurrently_and_rows_keep_the_grid_order(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import benchmarks.quality as quality
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+
+    def fake_cell(args, objective, distance, seed):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05 if objective == "supervised" else 0.01)  # the first cells finish last
+        with lock:
+            running[0] -= 1
+        return {"test_accuracy": {"supervised": 0.5, "sscl": 0.6}[objective] + seed / 100, "steps": 3}
+
+    monkeypatch.setattr(quality, "run_cell", fake_cell)
+    for jobs in ("1", "3"):
+        monkeypatch.setattr("sys.argv", ["quality.py", "digits", "--cells", "supervised", "sscl", "--seeds", "0", "1",
+                                         "--jobs", jobs, "--runs", str(tmp_path / jobs)])
+        most[0] = 0
+        assert quality.main() == 0
+        report = json.loads((tmp_path / jobs / "quality-digits.json").read_text())
+        assert [r["objective"] for r in report["rows"]] == ["supervised", "sscl"]
+        assert [r["accuracies"] for r in report["rows"]] == [[0.5, 0.51], [0.6, 0.61]]
+        assert most[0] == int(jobs)
