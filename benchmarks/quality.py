@@ -51,6 +51,8 @@ PRESETS: dict[str, list[str]] = {
     "cifar10_pretrained": ["recipe=image_cifar10_pretrained"],  # --extra modality.pretrained=PATH/tf_efficientnet_lite0
     "imdb": ["recipe=text_sentiment", "data.labels_per_class=10"],
     "digits_shift": ["recipe=image_digits_shift"],  # --data PATH/digits-usps-mnist.tar.gz
+    "imdb_pretrained": ["recipe=text_sentiment_mpnet"],  # --extra modality.pretrained=PATH (mpnet, or MiniLM's folder)
+    "amazon_shift": ["recipe=text_amazon_shift"],  # --extra modality.train_files=[PATH/amazon-multidomain.jsonl.gz]
 }
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
          ("dmssl", "wasserstein")]
