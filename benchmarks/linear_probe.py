@@ -17,6 +17,11 @@ eval mode), and fits scikit-learn's logistic regression on the standardised feat
   frozen and only learns from more (pseudo-)labels.
 
 Test accuracy is read only for the table. A sample drawn by several seeds is encoded once.
+
+`--feature-cache`: for a recipe with `model.freeze=all` and `model.cached_views` > 0, read the clean views
+from the run's own feature cache (dmssl/feature_cache.py; built as train.py builds it where it does not exist)
+instead of encoding: the probe then sees the very features the runs train on (float16, in the cache's number
+format), and a study of many splits of one data set (the 12 Amazon pairs) costs no encoding pass at all.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from benchmarks.speed import publish  # noqa: E402
 from dmssl.data import check_raw_data  # noqa: E402
 from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.recipe import resolve  # noqa: E402
-from dmssl.trainer import split_run_data  # noqa: E402
+from dmssl.trainer import cached_inputs, split_run_data  # noqa: E402
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 THRESHOLD_GRID = (0.6, 0.75, 0.9)
@@ -75,6 +80,30 @@ class FeatureCache:
         return np.stack([self.features[k] for k in keys])
 
 
+class RunFeatureCache:
+    """The clean-view features in train.py's feature cache, for the splits a seed draws (cached_inputs)."""
+
+    def __init__(self, adapter: Any, raw: Any, encoder: Any) -> None:
+        from accelerate import PartialState
+
+        from dmssl.pretrained import apply_freeze
+
+        self.adapter, self.raw, self.encoder = adapter, raw, encoder
+        apply_freeze(encoder, "all")
+        self.process = PartialState(cpu=not torch.cuda.is_available())
+        self.views: Any = None
+
+    def rows(self, data: Any, cfg: Any) -> Any:
+        """The run's data with samples as cache rows; opens (or builds) the cache."""
+        self.views, rows = cached_inputs(self.adapter, self.raw, data, self.encoder, cfg, self.process)
+        return rows
+
+    def __call__(self, samples: list) -> np.ndarray:
+        if not samples:
+            return np.zeros((0, 0), dtype=np.float32)
+        return np.stack([self.views.test_view(s).numpy() for s in samples])
+
+
 def logistic_regression(C: float) -> Any:
     """Standardised features, then logistic regression: C then means the same on any encoder's feature scale."""
     from sklearn.linear_model import LogisticRegression
@@ -91,11 +120,14 @@ def choose_on_dev(candidates: dict[Any, Any], dev_x: np.ndarray, dev_y: np.ndarr
     return max(candidates.items(), key=lambda item: item[1].score(dev_x, dev_y))
 
 
-def probe_seed(overrides: list[str], seed: int, raw: Any, cache: FeatureCache, pool_size: int) -> dict[str, Any]:
+def probe_seed(overrides: list[str], seed: int, raw: Any, cache: FeatureCache | RunFeatureCache,
+                pool_size: int) -> dict[str, Any]:
     from sklearn.semi_supervised import SelfTrainingClassifier
 
     cfg = resolve([*overrides, f"seed={seed}"])
     data = split_run_data(raw, cfg)
+    if isinstance(cache, RunFeatureCache):
+        data = cache.rows(data, cfg)
     x_lab, y_lab = cache(data.labeled), np.asarray(data.labeled_labels)
     x_dev, y_dev = cache(data.dev), np.asarray(data.dev_labels)
     x_test, y_test = cache(data.test), np.asarray(data.test_labels)
@@ -152,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="+", help="recipe=... and key=value overrides, as for train.py")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pool", type=int, default=2000, help="unlabeled samples for self-training (default 2000)")
+    parser.add_argument("--feature-cache", action="store_true",
+                        help="read the clean views from the runs' feature cache (model.cached_views > 0) instead of encoding")
     parser.add_argument("--json", type=Path, help="write the raw report here")
     parser.add_argument("--write", type=Path, help="replace a section of this markdown file (needs --section)")
     parser.add_argument("--section", default="probe", help="the <!-- SECTION:start/end --> markers to write between")
@@ -161,7 +195,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = adapter.load()
     check_raw_data(raw, needs_test=not cfg.data.transductive_test)
     torch.manual_seed(cfg.seed)  # an encoder without pretrained weights is the first seed's random init
-    cache = FeatureCache(adapter, cfg.data.eval_batch_size)
+    cache: FeatureCache | RunFeatureCache = FeatureCache(adapter, cfg.data.eval_batch_size)
+    if args.feature_cache:
+        if cfg.model.cached_views < 1:
+            parser.error(f"--feature-cache reads the runs' feature cache; model.cached_views={cfg.model.cached_views} "
+                         "makes none (allowed: 1 or more)")
+        cache = RunFeatureCache(adapter, raw, cache.encoder)
     seeds = []
     for seed in args.seeds:
         seeds.append(probe_seed(args.overrides, seed, raw, cache, args.pool))

@@ -332,3 +332,34 @@ def test_quality_jobs__cells_run_concurrently_and_rows_keep_the_grid_order(tmp_p
         assert [r["objective"] for r in report["rows"]] == ["supervised", "sscl"]
         assert [r["accuracies"] for r in report["rows"]] == [[0.5, 0.51], [0.6, 0.61]]
         assert most[0] == int(jobs)
+
+
+def test_linear_probe__from_the_runs_feature_cache_sees_the_cached_features(tmp_path):
+    """--feature-cache: the same splits, the clean views read from train.py's cache (no encoding pass)."""
+    import numpy as np
+    import torch
+
+    from benchmarks.linear_probe import FeatureCache, RunFeatureCache, probe_seed
+    from dmssl.modality import build_adapter
+    from dmssl.recipe import resolve
+
+    overrides = ["recipe=quickstart", "data.dev_size=100", "model.freeze=all", "model.cached_views=1",
+                 f"data.cache_dir={tmp_path}", "trainer.mixed_precision=no"]  # fp32 cache: comparable to encoding
+    cfg = resolve([*overrides, "seed=0"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    torch.manual_seed(0)
+    encoded = FeatureCache(adapter, 256)
+    torch.manual_seed(0)
+    cached = RunFeatureCache(adapter, raw, FeatureCache(adapter, 256).encoder)
+    by_encoding = probe_seed(overrides, 0, raw, encoded, pool_size=100)
+    from_cache = probe_seed(overrides, 0, raw, cached, pool_size=100)
+    assert any(p.name.startswith("features-") for p in tmp_path.iterdir())
+    assert [from_cache[k] for k in ("labeled", "dev", "pool", "test")] == [by_encoding[k] for k in ("labeled", "dev", "pool", "test")]
+    # the cache stores float16: the same features to its precision, so the same probe up to a few test samples
+    from dmssl.trainer import split_run_data
+
+    data = split_run_data(raw, cfg)
+    rows = cached.rows(data, cfg)
+    assert np.allclose(cached(rows.test[:20]), encoded(data.test[:20]), atol=2e-2, rtol=1e-2)
+    assert abs(from_cache["test_accuracy"]["linear probe"] - by_encoding["test_accuracy"]["linear probe"]) <= 0.02
