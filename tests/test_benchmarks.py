@@ -363,3 +363,30 @@ def test_linear_probe__from_the_runs_feature_cache_sees_the_cached_features(tmp_
     rows = cached.rows(data, cfg)
     assert np.allclose(cached(rows.test[:20]), encoded(data.test[:20]), atol=2e-2, rtol=1e-2)
     assert abs(from_cache["test_accuracy"]["linear probe"] - by_encoding["test_accuracy"]["linear probe"]) <= 0.02
+
+
+def test_pairs_table__a_row_per_finished_pair_the_average_and_the_paired_difference(tmp_path, capsys):
+    from benchmarks.pairs_table import main
+
+    def runs(pair, accuracies, probe=None):
+        for cell, values in accuracies.items():
+            for seed, acc in enumerate(values):
+                folder = tmp_path / pair / "amazon_shift" / f"{cell}-s{seed}"
+                folder.mkdir(parents=True)
+                (folder / "summary.json").write_text(json.dumps({"test_accuracy": acc}))
+        if probe:
+            (tmp_path / pair / "probe.json").write_text(json.dumps(
+                {"seeds": [{"seed": s, "test_accuracy": {"linear probe": a}} for s, a in enumerate(probe)]}))
+
+    runs("books-dvd", {"sscl": [0.70, 0.72], "dmssl-mmd": [0.74, 0.77]}, probe=[0.71, 0.71])
+    runs("dvd-books", {"sscl": [0.80, 0.80], "dmssl-mmd": [0.78, 0.79]}, probe=[0.75, 0.75])
+    runs("dvd-kitchen", {"sscl": [0.80], "dmssl-mmd": [0.78, 0.79]}, probe=[0.75, 0.75])  # a seed missing
+    page = tmp_path / "page.md"
+    page.write_text("<!-- pairs:start -->\n<!-- pairs:end -->\n")
+    assert main([str(tmp_path), "--preset", "amazon_shift", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert "| pair | probe | sscl | dmssl (MMD) | dmssl - best other | paired SE |" in text
+    assert "| books -> dvd | 71.0 | 71.0 | **75.5** | +4.5 (probe) | 1.5 |" in text  # diffs 3 and 6: SE 2.12 / sqrt 2
+    assert "| dvd -> books | 75.0 | **80.0** | 78.5 | -1.5 (sscl) | 0.5 |" in text
+    assert "| **average** | 73.0 | 75.5 | **77.0** | | |" in text
+    assert "Not finished, left out: dvd-kitchen." in text
