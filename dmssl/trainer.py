@@ -281,7 +281,7 @@ def split_run_data(raw: RawData, cfg: Config) -> RunData:
         source = in_groups(raw.train_groups, cfg.data.labeled_groups, "data.labeled_groups", len(raw.train))
         target = in_groups(raw.train_groups, cfg.data.target_groups, "data.target_groups", len(raw.train))
         target_test = in_groups(raw.test_groups, cfg.data.target_groups, "data.target_groups", len(raw.test)) \
-            if raw.test else []  # a transductive run's data may have no test set
+            if len(raw.test) else []  # a transductive run's data may have no test set
         labeled_draw = [y if ok else -1 for y, ok in zip(labeled_draw, source, strict=True)]
         dev_draw = [y if ok else -1 for y, ok in zip(dev_draw, target, strict=True)]
         pool_ids = [i for i in pool_ids if target[i]]
