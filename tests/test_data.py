@@ -151,6 +151,11 @@ def test_split_run_data__groups_put_labels_on_one_side_and_the_rest_on_the_other
     from dataclasses import replace
 
     assert len(split_run_data(replace(raw, test_groups=None), grouped_config("data.labeled_groups=[c]")).test) == 60
+    # samples held as one tensor (as the image adapter keeps them) split the same way
+    import torch
+
+    as_tensors = replace(raw, test=torch.tensor(raw.test))
+    assert len(split_run_data(as_tensors, grouped_config("data.labeled_groups=[a]", "data.target_groups=[b,c]")).test) == 40
 
 
 def test_split_run_data__without_groups_the_draws_do_not_change():
