@@ -175,6 +175,25 @@ def test_study_table__rows_from_summaries_in_seed_order_and_written_between_mark
     assert "at commit def5678;" in page.read_text()
 
 
+def test_study_table__paired_differences_from_a_chosen_row_by_seed(tmp_path, capsys):
+    from benchmarks.study_table import main
+
+    for seed, (dm, ss) in enumerate([(0.80, 0.70), (0.90, 0.85), (0.70, 0.75)]):
+        _finished_run(tmp_path / "dm" / f"s{seed}", "dmssl", seed, dm, dm)
+        _finished_run(tmp_path / "ss" / f"s{seed}", "sscl", seed, ss, ss)
+    _finished_run(tmp_path / "sup" / "s7", "supervised", 7, 0.5, 0.5)  # no seed in common with row 1
+    main(["--row", "mmd", str(tmp_path / "dm" / "s*"), "--row", "-", str(tmp_path / "ss" / "s*"),
+          "--row", "-", str(tmp_path / "sup" / "s7"), "--paired", "1"])
+    out = capsys.readouterr().out
+    # differences 10, 5, -5 points: mean 3.33, stdev 7.64, SE 4.41, t 0.8, ahead on 2 of 3
+    assert "| row 1 minus this row (paired) |" in out
+    assert "| - | sscl | 76.67 +- 7.64 | **76.67 +- 7.64** | 3 | 70.0, 85.0, 75.0 | +3.33 (SE 4.41, t 0.8), ahead on 2/3 |" in out
+    assert "| mmd | dmssl |" in out and "80.0, 90.0, 70.0 | - |" in out
+    assert "| no shared seed |" in out
+    with pytest.raises(SystemExit):
+        main(["--row", "mmd", str(tmp_path / "dm" / "s*"), "--paired", "2"])
+
+
 def test_study_table__refuses_an_unfinished_run_and_a_row_of_two_objectives(tmp_path):
     from benchmarks.study_table import main
 
