@@ -17,7 +17,6 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -27,7 +26,8 @@ from benchmarks.speed import publish  # noqa: E402
 PROBE = "linear probe"
 RECIPE = "dmssl-mmd"
 NAMES = {PROBE: "probe", "supervised": "source only", "fixmatch": "FixMatch", "sscl": "sscl", "dmssl-mmd": "dmssl (MMD)",
-         "dmssl-coral": "dmssl + CORAL", "dmssl-adversarial": "dmssl + adversarial"}
+         "dmssl-coral": "dmssl + CORAL", "dmssl-adversarial": "dmssl + adversarial",
+         "dmssl-cdan": "dmssl + CDAN"}
 
 
 def read_pair(folder: Path, preset: str) -> dict[str, dict[int, float]]:

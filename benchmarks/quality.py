@@ -57,7 +57,7 @@ PRESETS: dict[str, list[str]] = {
 CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "cosine"), ("dmssl", "mmd"),
          ("dmssl", "wasserstein")]
 # Cells that --cells accepts beyond the default grid.
-EXTRA_CELLS = [("fixmatch_proto", None), ("dmssl", "coral"), ("dmssl", "adversarial")]
+EXTRA_CELLS = [("fixmatch_proto", None), ("dmssl", "coral"), ("dmssl", "adversarial"), ("dmssl", "cdan")]
 
 
 def parse_cell(text: str) -> tuple[str, str | None]:

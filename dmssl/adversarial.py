@@ -92,7 +92,7 @@ class Adversarial(Distance):
         self.hidden_dim, self.layers, self.coefficient = hidden_dim, layers, coefficient
         self.classifier: nn.Module | None = None
 
-    def prepare(self, width: int) -> None:
+    def prepare(self, width: int, num_classes: int = 0) -> None:
         self.classifier = domain_classifier(width, self.hidden_dim, self.layers)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -13,7 +13,8 @@ References:
     - [2] Cuturi, "Sinkhorn Distances", NeurIPS 2013; Feydy et al., "Interpolating between Optimal
           Transport and MMD using Sinkhorn Divergences", AISTATS 2019 (debiasing).
 
-CORAL (dmssl/coral.py) and domain-adversarial alignment (dmssl/adversarial.py) register here too.
+CORAL (dmssl/coral.py), domain-adversarial alignment (dmssl/adversarial.py) and its class-conditional form
+(dmssl/cdan.py) register here too.
 """
 
 from __future__ import annotations
@@ -157,14 +158,17 @@ class Distance(nn.Module):
     """Base class: `forward(x, y, generator=None) -> 0-dim tensor`; only random distances use the generator.
 
     `Options` is the dataclass of its `distance.*` keys; its fields are the constructor's keyword arguments.
-    A distance that `learns` (the adversary's domain classifier) builds its parameters in `prepare(width)`,
-    which the run calls with the matched embeddings' width before it makes the optimiser.
+    A distance that `learns` (the adversary's domain classifier) builds its parameters in
+    `prepare(width, num_classes)`, which the run calls with the matched embeddings' width and the number of
+    classes before it makes the optimiser. One that `conditions_on_predictions` (CDAN) also takes each row's
+    class probabilities: `forward(x, y, generator, x_probabilities=..., y_probabilities=...)`.
     """
 
     Options: ClassVar[type] = NoOptions
     learns: ClassVar[bool] = False
+    conditions_on_predictions: ClassVar[bool] = False
 
-    def prepare(self, width: int) -> None:
+    def prepare(self, width: int, num_classes: int = 0) -> None:
         """Build parameters for (n, width) inputs; nothing for a distance that does not learn."""
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -284,4 +288,4 @@ def build_distance(name: str, options: Any = None, **overrides: Any) -> Distance
 
 
 # Registered in their own files (one method each); imported here so that every distance name resolves.
-from dmssl import adversarial, coral  # noqa: E402,F401
+from dmssl import adversarial, cdan, coral  # noqa: E402,F401

@@ -355,11 +355,12 @@ class DistributionMatching(SemiSupervisedContrastive):
     def prepare(self, model: nn.Module) -> None:
         assert self.distance is not None
         width = model.encoder.feature_dim if self.needs_features else model.prototype_weights.shape[1]
-        self.distance.prepare(width)
+        self.distance.prepare(width, self.num_classes)
 
-    def sides_for_matching(self, emb: StepEmbeddings) -> tuple[torch.Tensor, torch.Tensor]:
-        """(labeled, unlabeled) rows in the matching space; the unlabeled views that `dm_views` picks."""
-        if self.needs_features:
+    def sides_for_matching(self, emb: StepEmbeddings, features: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(labeled, unlabeled) rows in the matching space (or, with `features` given, in that one); the
+        unlabeled views that `dm_views` picks."""
+        if self.needs_features if features is None else features:
             labeled, weak, strong = emb.labeled_features, emb.weak_features, emb.strong_features
             assert labeled is not None, "dm_space=features needs split_step(..., features=...)"
         else:
@@ -371,27 +372,46 @@ class DistributionMatching(SemiSupervisedContrastive):
             return labeled, torch.cat(strong)
         return labeled, torch.cat([weak, *strong])
 
+    def probabilities(self, rows: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+        """The prototype classifier's class probabilities of embeddings `rows`, detached."""
+        return prototype_logits(rows.detach(), prototypes.detach(), self.options.temperature).float().softmax(1)
+
     def match(self, emb: StepEmbeddings, pseudo: torch.Tensor, mask: torch.Tensor, step: int) -> torch.Tensor:
         labeled, unlabeled = self.sides_for_matching(emb)
         labeled, unlabeled = gather_with_grad(labeled), gather_with_grad(unlabeled)
         labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
+        conditioned = self.distance.conditions_on_predictions
+        if conditioned:  # the prediction of each matched row, from its embedding z (CDAN's g)
+            z_labeled, z_unlabeled = self.sides_for_matching(emb, features=False)
+            p_labeled = gather_with_grad(self.probabilities(z_labeled, emb.prototypes))
+            p_unlabeled = gather_with_grad(self.probabilities(z_unlabeled, emb.prototypes))
         if self.options.labeled_memory:
             current, current_labels = labeled, labels
-            labeled = torch.cat([labeled, self.memory.to(labeled)]) if self.memory.numel() else labeled
+            if self.memory.numel():
+                labeled = torch.cat([labeled, self.memory.to(labeled)])
+                if conditioned:  # memory rows are embeddings z here (check_methods_fit refuses features)
+                    p_labeled = torch.cat([p_labeled, self.probabilities(self.memory.to(labeled), emb.prototypes)])
             labels = torch.cat([labels, self.memory_labels.to(labels.device)])
             self.remember(current, current_labels)
         # The same directions on every process and at every resume: seeded by (seed, step).
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+
+        def distance(x_rows: torch.Tensor, y_rows: torch.Tensor) -> torch.Tensor:
+            if not conditioned:
+                return self.distance(labeled[x_rows], unlabeled[y_rows], generator=generator)
+            return self.distance(labeled[x_rows], unlabeled[y_rows], generator=generator,
+                                 x_probabilities=p_labeled[x_rows], y_probabilities=p_unlabeled[y_rows])
+
         if not self.options.class_conditional:
-            return self.distance(labeled, unlabeled, generator=generator)
+            return distance(slice(None), slice(None))
         copies = unlabeled.shape[0] // pseudo.shape[0] if pseudo.shape[0] else 1
         pseudo_all = gather_with_grad(torch.where(mask, pseudo, -1).unsqueeze(1).float()).squeeze(1).long()
         pseudo_all = pseudo_all.repeat(copies)
         terms = []
         for k in range(self.num_classes):
-            x, y = labeled[labels == k], unlabeled[pseudo_all == k]
-            if x.shape[0] >= 2 and y.shape[0] >= 2:
-                terms.append(self.distance(x, y, generator=generator))
+            x_rows, y_rows = labels == k, pseudo_all == k
+            if int(x_rows.sum()) >= 2 and int(y_rows.sum()) >= 2:
+                terms.append(distance(x_rows, y_rows))
         return torch.stack(terms).mean() if terms else labeled.sum() * 0.0
 
     def matching_weight(self, step: int) -> float:

@@ -324,6 +324,12 @@ def check_methods_fit(cfg: Config) -> None:
     if getattr(distance, "learns", False) and not objective.unlabeled_views:
         raise ConfigError(f"distance.name={cfg.distance.name} trains a domain classifier on the unlabeled data, but "
                           f"objective.name={cfg.objective.name} uses none; choose dmssl (or another distance)")
+    options = cfg.objective.options
+    if (getattr(distance, "conditions_on_predictions", False) and getattr(options, "labeled_memory", 0)
+            and getattr(options, "dm_space", "projection") == "features"):
+        raise ConfigError(f"distance.name={cfg.distance.name} conditions on the predictions of the labeled memory's "
+                          "rows, which objective.dm_space=features does not keep; set objective.labeled_memory=0 "
+                          "or objective.dm_space=projection")
 
 
 def import_plugins(modules: list[str]) -> None:

@@ -9,7 +9,6 @@ import torch
 
 from dmssl.adversarial import Adversarial, adversarial_loss, domain_classifier, reverse_gradient
 from dmssl.coral import coral
-from dmssl.distances import build_distance
 from dmssl.errors import ConfigError
 from dmssl.shift_report import mmd2_from_gram, shift_statistics
 from tests.test_data import grouped_config, grouped_raw
@@ -184,3 +183,145 @@ def test_fit__the_shift_report_changes_nothing_the_run_draws(tmp_path):
     a = load_checkpoint(tmp_path / "a" / "checkpoints" / "step_00000003.pt")["model"]
     b = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000003.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_multilinear_map__is_every_product_of_a_row():
+    from dmssl.cdan import multilinear_map
+
+    f, g = torch.tensor([[1.0, 2.0, 3.0]]), torch.tensor([[0.25, 0.75]])
+    expected = torch.tensor([[0.25, 0.75, 0.5, 1.5, 0.75, 2.25]])  # f_a g_k, a-major
+    assert torch.allclose(multilinear_map(f, g), expected)
+
+
+def test_randomized_multilinear_map__keeps_inner_products_on_average():
+    from dmssl.cdan import multilinear_map, randomized_multilinear_map
+
+    torch.manual_seed(0)
+    f, g = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64).softmax(1)
+    exact = multilinear_map(f, g) @ multilinear_map(f, g).T
+    r_f, r_g = torch.randn(6, 200_000, dtype=torch.float64), torch.randn(3, 200_000, dtype=torch.float64)
+    mapped = randomized_multilinear_map(f, g, r_f, r_g)
+    assert torch.allclose(mapped @ mapped.T, exact, atol=0.05 * float(exact.abs().max()))
+
+
+def test_cdan_loss__is_balanced_bce_on_the_map_by_hand_and_entropy_weighted():
+    from dmssl.cdan import Cdan, entropy_weights, multilinear_map
+
+    torch.manual_seed(0)
+    distance = Cdan(hidden_dim=8, layers=1)
+    distance.prepare(4, num_classes=3)
+    x, y = 10 * torch.randn(5, 4), 10 * torch.randn(7, 4)  # far from 0, so that rows' losses differ
+    gx, gy = (3 * torch.randn(5, 3)).softmax(1), (3 * torch.randn(7, 3)).softmax(1)
+    px = torch.sigmoid(distance.classifier(multilinear_map(x, gx))).squeeze(1)
+    py = torch.sigmoid(distance.classifier(multilinear_map(y, gy))).squeeze(1)
+    expected = 0.5 * (-torch.log(px).mean() - torch.log(1 - py).mean())
+    assert float(distance(x, y, x_probabilities=gx, y_probabilities=gy)) == pytest.approx(float(expected), rel=1e-5)
+    # CDAN+E: each side a weighted mean with w = 1 + exp(-H(g))
+    wx, wy = entropy_weights(gx), entropy_weights(gy)
+    hx = -(gx * gx.log()).sum(1)
+    assert torch.allclose(wx, 1 + torch.exp(-hx))
+    weighted = 0.5 * ((wx * -torch.log(px)).sum() / wx.sum() + (wy * -torch.log(1 - py)).sum() / wy.sum())
+    distance.entropy_weighting = True
+    value = distance(x, y, x_probabilities=gx, y_probabilities=gy)
+    assert float(value) == pytest.approx(float(weighted), rel=1e-5)
+    assert abs(float(value) - float(expected)) > 1e-3  # the weights change the value
+
+
+def test_cdan__tells_classes_apart_where_dann_cannot_and_never_trains_the_predictions():
+    """Two sides with the same marginal but swapped classes: only the conditional adversary sees a difference."""
+    from dmssl.cdan import Cdan
+
+    torch.manual_seed(0)
+    centres = torch.tensor([[3.0, 0.0], [-3.0, 0.0]])
+    classes = torch.arange(128) % 2
+    x = centres[classes] + 0.3 * torch.randn(128, 2)
+    y = centres[1 - classes] + 0.3 * torch.randn(128, 2)
+    gx = torch.nn.functional.one_hot(classes, 2).float()
+    gy = gx.clone().requires_grad_()  # y's rows predicted as the class of the other centre
+    losses = {}
+    for name, distance in (("cdan", Cdan(hidden_dim=16, layers=1)), ("adversarial", Adversarial(hidden_dim=16, layers=1))):
+        distance.prepare(2, num_classes=2)
+        optimizer = torch.optim.Adam(distance.parameters(), lr=0.05)
+        kwargs = {"x_probabilities": gx, "y_probabilities": gy} if name == "cdan" else {}
+        for _ in range(150):
+            optimizer.zero_grad()
+            distance(x, y, **kwargs).backward()
+            optimizer.step()
+        losses[name] = float(distance(x, y, **kwargs))
+    assert losses["cdan"] < 0.2 < 0.6 < losses["adversarial"]
+    assert gy.grad is None  # g is detached: the predictions are not trained through D
+
+
+def test_cdan__randomized_above_max_map_dim_and_its_errors():
+    from dmssl.cdan import Cdan
+
+    small, large = Cdan(max_map_dim=4096), Cdan(max_map_dim=4096, randomized_dim=64)
+    small.prepare(128, num_classes=10)
+    large.prepare(128, num_classes=40)
+    assert not small.randomized and small.classifier[0].in_features == 1280
+    assert large.randomized and large.classifier[0].in_features == 64 and "r_f" in large.state_dict()
+    with pytest.raises(ValueError, match="x_probabilities"):
+        small(torch.randn(3, 128), torch.randn(3, 128))
+    with pytest.raises(RuntimeError, match="prepare"):
+        Cdan()(torch.randn(3, 2), torch.randn(3, 2))
+    with pytest.raises(ConfigError, match="distance.randomized_dim=0 must be >= 1"):
+        grouped_config("distance.name=cdan", "distance.randomized_dim=0")
+    with pytest.raises(ConfigError, match="distance.name=cdan trains a domain classifier.*supervised"):
+        grouped_config("distance.name=cdan", "objective.name=supervised")
+    with pytest.raises(ConfigError, match="objective.dm_space=features does not keep"):
+        grouped_config("distance.name=cdan", "objective.labeled_memory=64", "objective.dm_space=features")
+
+
+def test_dmssl_with_cdan__passes_each_rows_prototype_prediction():
+    from dmssl.cdan import Cdan
+    from dmssl.losses import prototype_logits
+    from dmssl.objective import build_objective
+
+    seen = {}
+
+    class Recording(Cdan):
+        def forward(self, x, y, generator=None, x_probabilities=None, y_probabilities=None):
+            seen.update(x=x, y=y, gx=x_probabilities, gy=y_probabilities)
+            return super().forward(x, y, generator, x_probabilities, y_probabilities)
+
+    torch.manual_seed(0)
+    distance = Recording(hidden_dim=4, layers=1)
+    distance.prepare(8, num_classes=3)
+    objective = build_objective("dmssl", None, 3, distance)
+    unit = lambda n: torch.nn.functional.normalize(torch.randn(n, 8), dim=1)  # noqa: E731
+    emb = step_embeddings(unit)
+    out = objective(emb, step=0)
+    assert torch.isfinite(out.loss)
+    t = objective.options.temperature
+    assert torch.allclose(seen["gx"], prototype_logits(emb.labeled, emb.prototypes, t).softmax(1))
+    assert torch.allclose(seen["gy"], prototype_logits(emb.weak, emb.prototypes, t).softmax(1))
+    assert torch.equal(seen["x"], emb.labeled) and torch.equal(seen["y"], emb.weak)
+
+
+def step_embeddings(unit):
+    from dmssl.objective import StepEmbeddings
+
+    return StepEmbeddings(labeled=unit(6), labels=torch.tensor([0, 1, 2, 0, 1, 2]), prototypes=unit(3), weak=unit(12),
+                          strong=[unit(12), unit(12)], unlabeled_targets=torch.full((12,), -1))
+
+
+def test_fit__cdan_is_trained_checkpointed_and_resumes_exactly(tmp_path):
+    import shutil
+
+    from dmssl.checkpoint import load_checkpoint
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+
+    torch.set_num_threads(1)
+    overrides = ["recipe=quickstart", "distance.name=cdan", "distance.entropy_weighting=true", "trainer.max_steps=4",
+                 "trainer.eval_every=4", "trainer.checkpoint_every=2", "data.num_workers=0", "trainer.max_minutes=null",
+                 "trainer.mixed_precision=no", "trainer.progress_bar=false", "trainer.save_embeddings=false"]
+    fit(resolve([*overrides, f"output_dir={tmp_path / 'a'}"]))
+    state = [load_checkpoint(tmp_path / "a" / "checkpoints" / f"step_{s:08d}.pt") for s in (2, 4)]
+    key = next(k for k in state[0]["objective"] if k.startswith("distance.classifier") and k.endswith("weight"))
+    assert not torch.equal(state[0]["objective"][key], state[1]["objective"][key])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    (tmp_path / "b" / "checkpoints" / "step_00000004.pt").unlink()
+    fit(resolve([*overrides, f"output_dir={tmp_path / 'b'}", "resume=auto"]))
+    resumed = load_checkpoint(tmp_path / "b" / "checkpoints" / "step_00000004.pt")
+    assert torch.equal(resumed["objective"][key], state[1]["objective"][key])
