@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmssl.adversarial import domain_classifier, reverse_gradient
+from dmssl.adversarial import AdversarialOptions, domain_classifier, reverse_gradient
 from dmssl.distances import DISTANCES, Distance, _check_pair
 from dmssl.errors import ConfigError
 
@@ -58,22 +58,16 @@ def weighted_bce(logits: torch.Tensor, target: float, weights: torch.Tensor | No
 
 
 @dataclass
-class CdanOptions:
-    hidden_dim: int = 256  # width of the domain classifier's hidden layers
-    layers: int = 2  # hidden layers of the domain classifier (0: a logistic regression)
-    coefficient: float = 1.0  # gradient reversal: the encoder receives -coefficient x D's gradient
+class CdanOptions(AdversarialOptions):
     entropy_weighting: bool = False  # CDAN+E: weight rows by 1 + exp(-entropy of the prediction)
     max_map_dim: int = 4096  # above this many products (d x K), the randomized map is used
     randomized_dim: int = 1024  # m, the randomized map's output width
 
     def validate(self) -> None:
-        for key in ("hidden_dim", "max_map_dim", "randomized_dim"):
+        super().validate()
+        for key in ("max_map_dim", "randomized_dim"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"distance.{key}={getattr(self, key)} must be >= 1")
-        if self.layers < 0:
-            raise ConfigError(f"distance.layers={self.layers} must be >= 0")
-        if not self.coefficient > 0:
-            raise ConfigError(f"distance.coefficient={self.coefficient} must be > 0")
 
 
 @DISTANCES.register("cdan")
