@@ -6,6 +6,10 @@ renamed over the final name, so a kill at any moment leaves either the old file 
 never half of one; a killed writer's temporary file is removed by the next save. Loading uses
 `torch.load(weights_only=True)`, which refuses pickled code. A checkpoint that cannot be read is renamed
 `step_XXXXXXXX.pt.corrupt` (kept for inspection, never counted or loaded again) with a warning.
+
+The EMA model's entries that equal the model's (a frozen encoder: every one of its weights; buffers, which
+the EMA copies) are stored once, under "model", and named in `ema["same_as_model"]`: a frozen pretrained
+encoder no longer doubles each checkpoint's size. `ema_weights(state)` puts them back.
 """
 
 from __future__ import annotations
@@ -49,6 +53,26 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def without_copies(entries: dict[str, Any], reference: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`entries` less those exactly equal (dtype, shape, values) to `reference`'s of the same name, and their names."""
+    same = [name for name, value in entries.items()
+            if isinstance(value, torch.Tensor) and isinstance(reference.get(name), torch.Tensor)
+            and value.dtype == reference[name].dtype and value.shape == reference[name].shape
+            and torch.equal(value, reference[name])]
+    left_out = set(same)
+    return {name: value for name, value in entries.items() if name not in left_out}, same
+
+
+def ema_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The EMA model's whole state dict from a checkpoint: its own entries and those it shares with the model."""
+    ema = state["ema"]
+    shared = ema.get("same_as_model") or []
+    missing = [name for name in shared if name not in state["model"]]
+    if missing:
+        raise CheckpointError(f"the checkpoint's EMA refers to model entries it does not hold: {missing[:3]}")
+    return {**ema["module"], **{name: state["model"][name] for name in shared}}
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

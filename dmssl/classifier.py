@@ -23,7 +23,7 @@ import torch
 import yaml
 from accelerate.utils import send_to_device
 
-from dmssl.checkpoint import load_latest_valid
+from dmssl.checkpoint import ema_weights, load_latest_valid
 from dmssl.config import Config
 from dmssl.errors import CheckpointError, ConfigError
 from dmssl.modality import Modality, build_adapter
@@ -180,4 +180,4 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     ema = state.get("ema")
     if not isinstance(ema, dict) or "module" not in ema:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA model")
-    return ema["module"], int(state["step"])
+    return ema_weights(state), int(state["step"])

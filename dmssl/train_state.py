@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmssl.checkpoint import ema_weights, without_copies
 from dmssl.errors import CheckpointError
 
 
@@ -28,10 +29,13 @@ class TrainState:
         self.precision: dict[str, Any] | None = None  # what auto chose (dmssl.precision), kept on resume
 
     def state_dict(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
+        model = self.model.state_dict()
+        ema = self.ema.state_dict()
+        ema["module"], ema["same_as_model"] = without_copies(ema["module"], model)
         return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "ema": self.ema.state_dict(),
+            "model": model,
+            "ema": ema,
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
             "rng": torch.get_rng_state(),
@@ -46,7 +50,7 @@ class TrainState:
             raise CheckpointError(f"{source}: its labeled split differs from this config's")
         try:
             self.model.load_state_dict(state["model"])
-            self.ema.load_state_dict(state["ema"])
+            self.ema.load_state_dict({**state["ema"], "module": ema_weights(state)})
             self.optimizer.load_state_dict(state["optimizer"])
             self.objective.load_state_dict(state.get("objective", self.objective.state_dict()))
         except (RuntimeError, KeyError, ValueError) as err:

@@ -162,9 +162,20 @@ def test_a_cached_run_trains_shares_its_cache_across_objectives_and_resumes_bit_
     for path in list_checkpoints(tmp_path / "resumed" / "checkpoints")[1:]:
         path.unlink()
     fit(resolve([*steps, f"output_dir={tmp_path / 'resumed'}", "resume=auto"]))
-    a = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])["model"]
-    b = load_checkpoint(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])["model"]
+    a_state = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
+    b_state = load_checkpoint(list_checkpoints(tmp_path / "resumed" / "checkpoints")[-1])
+    a, b = a_state["model"], b_state["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # The frozen encoder is stored once: the EMA names its weights as the model's instead of holding a copy.
+    from dmssl.checkpoint import ema_weights
+
+    encoder_keys = [k for k in a if k.startswith("encoder.")]
+    shared = a_state["ema"]["same_as_model"]
+    assert encoder_keys and set(encoder_keys) <= set(shared)
+    assert not any(k.startswith("encoder.") for k in a_state["ema"]["module"])
+    assert "prototype_weights" in a_state["ema"]["module"]  # trained entries keep their own average
+    full_a, full_b = ema_weights(a_state), ema_weights(b_state)
+    assert set(full_a) == set(a) and all(torch.equal(full_a[k], full_b[k]) for k in full_a)
 
 
 def test_cached_views_zero_trains_the_frozen_encoder_without_a_cache(tmp_path, capsys):
