@@ -451,3 +451,20 @@ def test_model_description_and_config_that_are_broken_name_the_file(run, tmp_pat
 def test_checkpoints_remain_loadable_after_all_of_this(run):
     state = load_checkpoint(list_checkpoints(run / "checkpoints")[-1])
     assert state["step"] == 4 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_ema_entries_equal_to_the_models_are_stored_once_and_old_checkpoints_still_read():
+    from dmssl.checkpoint import ema_weights, without_copies
+    from dmssl.errors import CheckpointError
+
+    model = {"frozen": torch.ones(3), "trained": torch.zeros(2), "half": torch.ones(3, dtype=torch.float16)}
+    ema = {"frozen": torch.ones(3), "trained": torch.full((2,), 0.5), "half": torch.ones(3)}  # dtype differs: kept
+    kept, shared = without_copies(ema, model)
+    assert shared == ["frozen"] and set(kept) == {"trained", "half"}
+    state = {"model": model, "ema": {"module": kept, "same_as_model": shared, "updates": 3}}
+    full = ema_weights(state)
+    assert set(full) == set(ema) and all(torch.equal(full[k], ema[k]) for k in ema)
+    old = {"model": model, "ema": {"module": ema, "updates": 3}}  # written before entries were shared
+    assert ema_weights(old) is not ema and all(torch.equal(ema_weights(old)[k], ema[k]) for k in ema)
+    with pytest.raises(CheckpointError, match="does not hold"):
+        ema_weights({"model": {}, "ema": {"module": kept, "same_as_model": shared}})
