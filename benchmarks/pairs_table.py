@@ -7,6 +7,8 @@
 them) and, where it was run, its `probe.json` (benchmarks/linear_probe.py --json). Each cell is the test
 accuracy averaged over the pair's seeds; the last columns give dmssl (MMD, the recipe's) minus the best other
 method of the pair, and that difference's paired standard error over seeds (the seeds share labels and splits).
+Where the runs recorded a shift report, a column gives its z (the mean over the pair's runs). A second table
+pairs dmssl with each other method over every (pair, seed) run: mean difference, paired SE, pairs ahead.
 A pair whose runs are not all finished is left out and named, never averaged in part.
 """
 
@@ -43,6 +45,13 @@ def read_pair(folder: Path, preset: str) -> dict[str, dict[int, float]]:
     return methods
 
 
+def shift_z(folder: Path, preset: str) -> float | None:
+    """The pair's shift report, as the mean z over its runs' summaries that hold one (None: none does)."""
+    values = [json.loads(p.read_text()).get("shift") for p in sorted((folder / preset).glob("*-s*/summary.json"))]
+    zs = [v["z"] for v in values if isinstance(v, dict) and "z" in v]
+    return statistics.mean(zs) if zs else None
+
+
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
     """(mean of a - b over the seeds both have, its standard error)."""
     diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
@@ -50,9 +59,12 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
     return statistics.mean(diffs), se
 
 
-def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], skipped: list[str]) -> str:
-    head = "| pair | " + " | ".join(NAMES.get(m, m) for m in methods) + " | dmssl - best other | paired SE |"
-    lines = [head, "|---" * (len(methods) + 3) + "|"]
+def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], skipped: list[str],
+           shifts: dict[str, float | None] | None = None) -> str:
+    with_shift = bool(shifts) and any(z is not None for z in shifts.values())
+    head = ("| pair | " + ("shift z | " if with_shift else "") + " | ".join(NAMES.get(m, m) for m in methods)
+            + " | dmssl - best other | paired SE |")
+    lines = [head, "|---" * (len(methods) + 3 + with_shift) + "|"]
     means: dict[str, list[float]] = {m: [] for m in methods}
     for pair, results in pairs.items():
         row = {m: statistics.mean(results[m].values()) for m in methods}
@@ -63,16 +75,37 @@ def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], sk
         diff, se = paired(results[RECIPE], results[best])
         top = max(row.values())
         cells = [f"**{100 * row[m]:.1f}**" if row[m] == top else f"{100 * row[m]:.1f}" for m in methods]
-        lines.append(f"| {pair.replace('-', ' -> ')} | " + " | ".join(cells)
+        z = (shifts or {}).get(pair)
+        shift = (f"{z:.1f} | " if z is not None else "- | ") if with_shift else ""
+        lines.append(f"| {pair.replace('-', ' -> ')} | {shift}" + " | ".join(cells)
                      + f" | {100 * diff:+.1f} ({NAMES.get(best, best)}) | {100 * se:.1f} |")
     average = {m: statistics.mean(v) for m, v in means.items()}
     top = max(average.values())
-    lines.append("| **average** | " + " | ".join(f"**{100 * average[m]:.1f}**" if average[m] == top
+    lines.append("| **average** | " + ("| " if with_shift else "") + " | ".join(f"**{100 * average[m]:.1f}**" if average[m] == top
                                                   else f"{100 * average[m]:.1f}" for m in methods) + " | | |")
     seeds = sorted({s for r in pairs.values() for v in r.values() for s in v})
-    lines += ["", f"{len(pairs)} pairs, seeds {seeds}; each cell the mean test accuracy over the seeds."]
+    lines += ["", f"{len(pairs)} pairs, seeds {seeds}; each cell the mean test accuracy over the seeds."
+              + (" Shift z: the shift report's z (labeled against unlabeled embeddings of the starting encoder, "
+                 "against a permutation noise floor), the mean over the pair's runs." if with_shift else "")]
     if skipped:
         lines.append(f"Not finished, left out: {', '.join(skipped)}.")
+    return "\n".join(lines) + "\n"
+
+
+def render_paired(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str]) -> str:
+    """dmssl (the recipe's) minus each other method over every (pair, seed) run both have: mean, paired SE, and
+    the pairs where dmssl's mean is ahead."""
+    runs = sum(len(results[RECIPE]) for results in pairs.values())
+    lines = [f"Paired over the {runs} runs ({len(pairs)} pairs; the same labels, dev split and pool for each pair "
+             "and seed), dmssl (MMD) minus each other row:", "",
+             f"| dmssl (MMD) minus | mean | paired SE ({runs} runs) | pairs where dmssl is ahead |", "|---|---|---|---|"]
+    for other in (m for m in methods if m != RECIPE):
+        diffs = [results[RECIPE][s] - results[other][s] for results in pairs.values()
+                 for s in sorted(set(results[RECIPE]) & set(results[other]))]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        ahead = sum(statistics.mean(r[RECIPE].values()) > statistics.mean(r[other].values()) for r in pairs.values())
+        lines.append(f"| {NAMES.get(other, other)} | {100 * statistics.mean(diffs):+.2f} | {100 * se:.2f} | "
+                     f"{ahead} of {len(pairs)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -89,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                 if all(m in r for m in methods) and len({len(r[m]) for m in methods}) == 1}
     if not complete or RECIPE not in methods:
         raise SystemExit(f"no pair under {args.runs} has every method finished (and {RECIPE} among them)")
-    publish(render(complete, methods, sorted(set(found) - set(complete))), args.write, args.section)
+    shifts = {pair: shift_z(args.runs / pair, args.preset) for pair in complete}
+    text = render(complete, methods, sorted(set(found) - set(complete)), shifts) + "\n" + render_paired(complete, methods)
+    publish(text, args.write, args.section)
     return 0
 
 

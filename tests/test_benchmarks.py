@@ -409,3 +409,14 @@ def test_pairs_table__a_row_per_finished_pair_the_average_and_the_paired_differe
     assert "| dvd -> books | 75.0 | **80.0** | 78.5 | -1.5 (sscl) | 0.5 |" in text
     assert "| **average** | 73.0 | 75.5 | **77.0** | | |" in text
     assert "Not finished, left out: dvd-kitchen." in text
+    # over the 4 runs of the two finished pairs: dmssl - sscl = 4, 5, -2, -1 -> mean 1.5, SE 3.5 / 2
+    assert "| sscl | +1.50 | 1.76 | 1 of 2 |" in text and "| probe | +4.00 | 0.71 | 2 of 2 |" in text  # 3, 6, 3, 4
+    assert "shift z" not in text  # no run recorded a shift report
+    for seed, z in enumerate([100.0, 120.0]):  # one pair's runs record one
+        summary = tmp_path / "books-dvd" / "amazon_shift" / f"sscl-s{seed}" / "summary.json"
+        summary.write_text(json.dumps({"test_accuracy": [0.70, 0.72][seed], "shift": {"z": z}}))
+    assert main([str(tmp_path), "--preset", "amazon_shift", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert "| pair | shift z | probe | sscl | dmssl (MMD) | dmssl - best other | paired SE |" in text
+    assert "| books -> dvd | 110.0 | 71.0 | 71.0 | **75.5** | +4.5 (probe) | 1.5 |" in text
+    assert "| dvd -> books | - | 75.0 | **80.0** |" in text and "| **average** | | 73.0 |" in text
