@@ -212,13 +212,18 @@ def recipe_step(recipe: list[str]) -> tuple[Any, Any, Any, StepDataset, tuple[st
 
 
 def training_step(cfg: Any, adapter: Any, num_classes: int, item: dict[str, Any], bf16: bool = False,
-                  channels_last: bool = False, compile: bool = False) -> Callable[[], None]:
-    """One optimisation step of the recipe's objective on `item`, as the trainer runs it (fresh seeded model)."""
+                  channels_last: bool = False, compile: bool = False, freeze: int | str = "none") -> Callable[[], None]:
+    """One optimisation step of the recipe's objective on `item`, as the trainer runs it (fresh seeded model,
+    its encoder frozen as `model.freeze=freeze` says)."""
     from accelerate.utils import send_to_device
+
+    from dmssl.pretrained import apply_freeze
 
     torch.manual_seed(0)
     objective = objective_from_config(cfg, num_classes)
-    model = SSLModel(adapter.build_encoder(), num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
+    encoder = adapter.build_encoder()
+    apply_freeze(encoder, freeze)
+    model = SSLModel(encoder, num_classes, cfg.model.proj_hidden_dim, cfg.model.proj_dim,
                      linear_head=objective.head == "linear").to(DEVICE)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -427,25 +432,39 @@ def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
         encode_s = median_time(lambda: encoder(views), repeats, warmup=1)
         features = encoder(send_to_device(item["inputs"], DEVICE)).float().cpu()
     cached_item = dict(item, inputs=CachedInputs(features=features))
-    medians = interleaved_medians({"full": training_step(cfg, adapter, raw.num_classes, item),
-                                   "cached": training_step(cfg, adapter, raw.num_classes, cached_item)}, repeats, warmup=1)
+    steps = {"full": training_step(cfg, adapter, raw.num_classes, item),
+             "cached": training_step(cfg, adapter, raw.num_classes, cached_item)}
+    # A frozen prefix, where the encoder can start after one: all but its top two blocks frozen and cached.
+    units = getattr(encoder, "freeze_units", lambda: [])()
+    prefix = len(units) - 2 if len(units) > 2 and getattr(encoder, "can_start_from", lambda n: False)(len(units) - 2) else 0
+    if prefix:
+        with torch.no_grad():
+            hidden = encoder.encode_prefix(send_to_device(item["inputs"], DEVICE), prefix).float().cpu()
+        prefix_item = dict(item, inputs=CachedInputs(hidden=hidden, prefix_blocks=prefix))
+        steps["prefix"] = training_step(cfg, adapter, raw.num_classes, prefix_item, freeze=prefix)
+    medians = interleaved_medians(steps, repeats, warmup=1)
     shown = " ".join(t for t in recipe if not t.startswith(("data.root=", "modality.pretrained=")))
     return {"recipe": shown, "encoder": type(encoder).__name__, "views_per_encode": len(raw.test[: cfg.data.eval_batch_size]),
             "encode_views_per_s": len(raw.test[: cfg.data.eval_batch_size]) / encode_s,
             "step_samples": int(features.shape[0]), "full_step_s": medians["full"], "cached_step_s": medians["cached"],
-            "full_over_cached": medians["full"] / medians["cached"]}
+            "full_over_cached": medians["full"] / medians["cached"],
+            "prefix_blocks": prefix, "of_blocks": len(units), "prefix_step_s": medians.get("prefix")}
 
 
 def cache_markdown(report: dict[str, Any]) -> str:
     lines = [f"Measured {report['date']} on {report['machine']} (`{report['command']}`); medians after warm-up, one real "
              "step of each recipe. *caching* = views/s of the frozen encoder (eval mode, no gradients); *full step* = "
              "the recipe's objective with the encoder trained (`model.freeze=none`); *cached step* = the same objective on "
-             "cached features (`model.freeze=all`).", "",
-             "| recipe | encoder | caching (views/s) | samples per step | full step (s) | cached step (s) | full / cached |",
-             "|---|---|---|---|---|---|---|"]
+             "cached features (`model.freeze=all`); *cached prefix step* = the top two blocks trained on the cached "
+             "outputs of the frozen ones below (`model.freeze=N`), where the encoder can start after a prefix.", "",
+             "| recipe | encoder | caching (views/s) | samples per step | full step (s) | cached step (s) | full / cached "
+             "| cached prefix step (s) | full / prefix |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["cache"]:
+        prefix = (f"{r['prefix_step_s']:.3f} (freeze={r['prefix_blocks']} of {r['of_blocks']}) | "
+                  f"**{r['full_step_s'] / r['prefix_step_s']:.1f}x**" if r.get("prefix_step_s") else "- | -")
         lines.append(f"| {r['recipe']} | {r['encoder']} | {r['encode_views_per_s']:.1f} | {r['step_samples']} | "
-                     f"{r['full_step_s']:.3f} | {r['cached_step_s']:.4f} | **{r['full_over_cached']:.0f}x** |")
+                     f"{r['full_step_s']:.3f} | {r['cached_step_s']:.4f} | **{r['full_over_cached']:.0f}x** | {prefix} |")
     return "\n".join(lines) + "\n"
 
 

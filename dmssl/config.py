@@ -100,7 +100,7 @@ class ModelConfig:
     proj_dim: int = 128  # embedding width: where prototypes, contrast and matching live
     prototype_init: Literal["random", "labeled_mean"] = "random"  # labeled_mean: class means of the labeled embeddings
     freeze: int | Literal["none", "all"] = "none"  # none, all, or the encoder's lower N blocks (dmssl/pretrained.py)
-    cached_views: int = 4  # with freeze=all: K weak and K strong views of each training sample encoded once and cached; 0: no cache
+    cached_views: int = 4  # with freeze=all (or freeze=N where the encoder can start after N blocks): K weak and K strong views of each training sample encoded once and cached; 0: no cache
 
     def validate(self) -> None:
         if isinstance(self.freeze, int) and self.freeze < 0:

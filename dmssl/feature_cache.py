@@ -9,6 +9,10 @@ nearly all of a step there. The cache runs it once per (sample, view) instead:
     test.npy    (M, D) float16: the test view of each test sample the run evaluates
     header.json the key and the shapes; written last, so a cache without it is incomplete
 
+With `model.freeze=N` on an encoder that runs in two parts (dmssl/pretrained.py: `encode_prefix`, `encode_from`),
+the cache holds the frozen lower N blocks' outputs instead, (N, 1 + 2K, *shape) and (M, *shape), and each step
+runs the trainable top on them: the key then names N as well.
+
 Views come from one seeded stream (`VIEW_STREAM_SEED`, sample i and view v seed their own draw), so the
 same key always means the same bytes, and runs of every seed share one cache: a run's seed decides which
 cached view each step draws. Files are memory-mapped, never loaded whole. The key covers the data's
@@ -85,12 +89,23 @@ def weights_digest(module: nn.Module) -> str:
 COMPUTED_IN = {"no": "float32", "bf16": "bfloat16"}  # the encoder's number format while caching
 
 
-def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, computed_in: str = "float32") -> dict[str, Any]:
+def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, computed_in: str = "float32",
+              prefix_blocks: int = 0) -> dict[str, Any]:
     """What the cached bytes depend on; any change gives another cache."""
-    return {"format": FORMAT, "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
-            "options": repr(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
-            "test": content_digest(raw.test), "encoder": type(encoder).__qualname__, "weights": weights_digest(encoder),
-            "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": computed_in}
+    key = {"format": FORMAT, "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
+           "options": repr(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
+           "test": content_digest(raw.test), "encoder": type(encoder).__qualname__, "weights": weights_digest(encoder),
+           "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": computed_in}
+    if prefix_blocks:  # absent for a whole encoder's outputs, so that the caches built before keep their key
+        key["prefix_blocks"] = prefix_blocks
+    return key
+
+
+def encoding(encoder: nn.Module, prefix_blocks: int) -> Callable[[Any], torch.Tensor]:
+    """What the cache stores of a batch: the encoder's outputs, or its lower `prefix_blocks` blocks' outputs."""
+    if prefix_blocks:
+        return lambda batch: encoder.encode_prefix(batch, prefix_blocks)
+    return encoder
 
 
 def cache_folder(cache_dir: str | None, key: dict[str, Any]) -> Path:
@@ -110,15 +125,18 @@ class FeatureCache:
         if list(self.train.shape) != header["train_shape"] or list(self.test.shape) != header["test_shape"]:
             raise CheckpointError(f"{folder}: its arrays do not have the shapes its header records")
         self.folder, self.views = folder, int(key["views"])
+        self.prefix_blocks = int(key.get("prefix_blocks", 0))
 
 
 def open_or_build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, cache_dir: str | None,
                   device: torch.device, batch_size: int, log: Any = print,
-                  precision: str | Callable[[], str] = "no") -> FeatureCache:
+                  precision: str | Callable[[], str] = "no", prefix_blocks: int = 0) -> FeatureCache:
     """The cache for this data, encoder and views: opened if a complete one exists (computed in either number
     format), else built (under a lock, so that concurrent runs build it once) in `precision` ("no": fp32,
-    "bf16": bf16 autocast; a callable decides, e.g. by measuring, and is called only when a cache is built)."""
-    keys = {mode: cache_key(adapter, raw, encoder, views, computed_in) for mode, computed_in in COMPUTED_IN.items()}
+    "bf16": bf16 autocast; a callable decides, e.g. by measuring, and is called only when a cache is built).
+    With `prefix_blocks` = n > 0 it holds the outputs of the encoder's lower n blocks (`encode_prefix`)."""
+    keys = {mode: cache_key(adapter, raw, encoder, views, computed_in, prefix_blocks)
+            for mode, computed_in in COMPUTED_IN.items()}
     folders = {mode: cache_folder(cache_dir, key) for mode, key in keys.items()}
     parent = folders["no"].parent
     try:
@@ -144,7 +162,8 @@ def open_or_build(adapter: Modality, raw: RawData, encoder: nn.Module, views: in
         mode = precision() if callable(precision) else precision
         if mode not in COMPUTED_IN:
             raise ValueError(f"cache precision {mode!r}; allowed: {', '.join(COMPUTED_IN)}")
-        build(adapter, raw, encoder, views, folders[mode], keys[mode], device, batch_size, log, mode == "bf16")
+        build(adapter, raw, encoder, views, folders[mode], keys[mode], device, batch_size, log, mode == "bf16",
+              prefix_blocks)
         return FeatureCache(folders[mode], keys[mode])
 
 
@@ -175,27 +194,32 @@ def size_of(folder: Path) -> int:
 
 @torch.no_grad()
 def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folder: Path, key: dict[str, Any],
-          device: torch.device, batch_size: int, log: Any, bf16: bool = False) -> None:
+          device: torch.device, batch_size: int, log: Any, bf16: bool = False, prefix_blocks: int = 0) -> None:
     """Encode every (sample, view) into a temporary folder, then rename it into place."""
     from tqdm.auto import tqdm
 
     train = list(raw.train) + list(raw.unlabeled)
     encoder = encoder.to(device).eval()
+    run = encoding(encoder, prefix_blocks)
     remove_stale_temporaries(folder.parent)
     staging = temporary_folder(folder)
     started = time.monotonic()
     try:
-        dim = int(encoder.feature_dim)
+        # One sample's output shape: (feature_dim,) for a whole encoder, the prefix's (e.g. C, H, W) otherwise.
+        probe = (train or list(raw.test))[:1]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            shape = tuple(run(send_to_device(adapter.collate([adapter.test_view(s) for s in probe]), device)).shape[1:])
         train_out = np.lib.format.open_memmap(staging / "train.npy", mode="w+", dtype=np.float16,
-                                              shape=(len(train), 1 + 2 * views, dim))
-        test_out = np.lib.format.open_memmap(staging / "test.npy", mode="w+", dtype=np.float16, shape=(len(raw.test), dim))
+                                              shape=(len(train), 1 + 2 * views, *shape))
+        test_out = np.lib.format.open_memmap(staging / "test.npy", mode="w+", dtype=np.float16,
+                                             shape=(len(raw.test), *shape))
         total = len(train) * (1 + 2 * views) + len(raw.test)
         bar = tqdm(total=total, desc="caching features", unit="view", dynamic_ncols=True, mininterval=2.0)
 
         def encode(view_list: list[Any]) -> np.ndarray:
             batch = send_to_device(adapter.collate(view_list), device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                return encoder(batch).float().cpu().numpy().astype(np.float16)
+                return run(batch).float().cpu().numpy().astype(np.float16)
 
         for start in range(0, len(train), batch_size):
             rows = range(start, min(start + batch_size, len(train)))
@@ -217,7 +241,7 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
         test_out.flush()
         del train_out, test_out
         seconds = time.monotonic() - started
-        header = {"key": key, "train_shape": [len(train), 1 + 2 * views, dim], "test_shape": [len(raw.test), dim],
+        header = {"key": key, "train_shape": [len(train), 1 + 2 * views, *shape], "test_shape": [len(raw.test), *shape],
                   "encode_seconds": round(seconds, 2), "views_per_second": round(total / max(seconds, 1e-9), 2)}
         (staging / "header.json").write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
         os.replace(staging, folder)
@@ -256,6 +280,8 @@ class CachedViews(Modality):
         return torch.from_numpy(np.array(self.cache.train[sample.row, view], dtype=np.float32))
 
     def collate(self, views: list[torch.Tensor]) -> CachedInputs:
+        if self.cache.prefix_blocks:
+            return CachedInputs(hidden=torch.stack(views), prefix_blocks=self.cache.prefix_blocks)
         return CachedInputs(features=torch.stack(views))
 
     def build_encoder(self) -> nn.Module:

@@ -10,8 +10,10 @@ from dmssl.modality import Batch, Modality
 
 
 class CachedInputs(dict):
-    """A batch of cached encoder outputs, `{"features": (B, feature_dim)}` (dmssl/feature_cache.py): the model
-    skips its frozen encoder for it. A dict, so that device moves and DataLoader collation keep its type."""
+    """A batch of cached encoder outputs (dmssl/feature_cache.py): `{"features": (B, feature_dim)}`, for which the
+    model skips its frozen encoder, or `{"hidden": (B, ...), "prefix_blocks": n}`, the outputs of its frozen
+    lower n blocks, from which it runs the rest (`encoder.encode_from`). A dict, so that device moves and
+    DataLoader collation keep its type."""
 
 
 class SSLModel(nn.Module):
@@ -44,7 +46,11 @@ class SSLModel(nn.Module):
                 with_features: bool = False) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """batch -> (B, proj_dim) unit embeddings z; with `with_logits`, also the linear classifier's (B, K)
         logits; with `with_features`, also the encoder's (B, feature_dim) features: (z, [logits], [features])."""
-        features = batch["features"] if isinstance(batch, CachedInputs) else self.encoder(batch)
+        if isinstance(batch, CachedInputs):
+            features = (batch["features"] if "features" in batch
+                        else self.encoder.encode_from(batch["hidden"], int(batch["prefix_blocks"])))
+        else:
+            features = self.encoder(batch)
         z = F.normalize(self.head(features).float(), dim=1)
         if not (with_logits or with_features):
             return z

@@ -10,6 +10,14 @@ What a block is, the encoder says: an encoder that can be frozen in part exposes
 blocks from the input up (for a Transformer: the embeddings then each layer; for a CNN: the stem then each
 stage). An encoder without it can be frozen whole or not at all. A frozen part stays in eval mode during
 training (its batch-norm statistics and dropout as pretrained), whatever `model.train()` asks.
+
+A frozen prefix can be cached as a frozen encoder's outputs are (dmssl/feature_cache.py) where the encoder
+can run in two parts: it exposes `encode_prefix(batch, n)`, the output of its lower n blocks (one fixed shape
+per sample), and `encode_from(hidden, n)`, the rest of the forward pass, with
+`encode_from(encode_prefix(batch, n), n) == forward(batch)`. With `model.freeze=N` and `model.cached_views` > 0,
+the cache then holds the prefix's outputs of every view and each step trains the top blocks on them; an
+encoder without the pair, or whose blocks the pair cannot split at N (`can_start_from(n)` is false), trains
+the whole forward pass at every step, as before. Which encoders have it: docs/pretrained.md.
 """
 
 from __future__ import annotations
@@ -76,3 +84,16 @@ def count(module: nn.Module) -> int:
 
 def is_fully_frozen(encoder: Any) -> bool:
     return not any(p.requires_grad for p in encoder.parameters())
+
+
+def cached_prefix_blocks(encoder: Any, freeze: int | str) -> int | None:
+    """What a feature cache can hold for this encoder under `model.freeze`: 0 for the whole (frozen) encoder's
+    outputs, N for its lower N frozen blocks' (`encode_prefix` / `encode_from`), None for nothing."""
+    if is_fully_frozen(encoder):
+        return 0
+    if not isinstance(freeze, int) or freeze < 1:
+        return None
+    can_start_from = getattr(encoder, "can_start_from", None)
+    if not (callable(getattr(encoder, "encode_prefix", None)) and callable(can_start_from) and can_start_from(freeze)):
+        return None
+    return freeze

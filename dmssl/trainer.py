@@ -49,13 +49,13 @@ from dmssl.data import (
     split_labeled,
 )
 from dmssl.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
-from dmssl.feature_cache import CachedSample, CachedViews, open_or_build
+from dmssl.feature_cache import CachedSample, CachedViews, encoding, open_or_build
 from dmssl.metrics import ClassificationReport, confusion_matrix
 from dmssl.modality import RawData, build_adapter
 from dmssl.model import SSLModel, init_prototypes_from_labeled
 from dmssl.objective import objective_from_config, run_objective
 from dmssl.precision import Stopwatch, choose_precision
-from dmssl.pretrained import apply_freeze, is_fully_frozen
+from dmssl.pretrained import apply_freeze, cached_prefix_blocks
 from dmssl.run_dir import (
     EmbeddingSnapshot,
     RunLock,
@@ -206,13 +206,20 @@ class RunData:
 
 def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module, cfg: Config,
                   process: PartialState) -> tuple[Any, RunData]:
-    """(the adapter, the run's data) as they are, or, for a fully frozen encoder with `model.cached_views` > 0,
-    a `CachedViews` over the feature cache and the same splits as cache rows (dmssl/feature_cache.py)."""
-    if cfg.model.cached_views == 0 or not is_fully_frozen(encoder):
+    """(the adapter, the run's data) as they are, or, for a fully frozen encoder (or a frozen prefix the encoder
+    can start from) with `model.cached_views` > 0, a `CachedViews` over the feature cache and the same splits as
+    cache rows (dmssl/feature_cache.py)."""
+    prefix_blocks = cached_prefix_blocks(encoder, cfg.model.freeze)
+    if cfg.model.cached_views == 0:
+        return adapter, data
+    if prefix_blocks is None:
+        if isinstance(cfg.model.freeze, int) and cfg.model.freeze > 0:
+            process.print(f"feature cache: not used ({type(encoder).__name__} cannot start its forward pass after "
+                          f"{cfg.model.freeze} frozen blocks); every step runs the whole encoder")
         return adapter, data
     if process.num_processes > 1:
-        raise ConfigError("the feature cache (model.freeze=all) trains in one process; set model.cached_views=0 "
-                          "to run several processes on the full encoder")
+        raise ConfigError("the feature cache (a frozen encoder or prefix) trains in one process; set "
+                          "model.cached_views=0 to run several processes on the full encoder")
     # The cache holds every sample, in the original order, unless the run draws a part (data.train_subset,
     # max_unlabeled, test_subset): then that part. Runs that only split the same samples differently (seeds,
     # groups, dev, a transductive test) share one cache; so do runs of one fixed part (data.subset_seed).
@@ -230,7 +237,8 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
                      class_names=list(raw.class_names))
     cache = open_or_build(adapter, subset, encoder, cfg.model.cached_views, cfg.data.cache_dir, process.device,
                           cfg.data.eval_batch_size, log=process.print,
-                          precision=lambda: caching_precision(adapter, subset, encoder, cfg, process))
+                          precision=lambda: caching_precision(adapter, subset, encoder, cfg, process, prefix_blocks),
+                          prefix_blocks=prefix_blocks)
     row, test_row = {i: r for r, i in enumerate(used)}, {j: r for r, j in enumerate(tests)}
     rows = [CachedSample("train", r) for r in range(len(used))]
     return CachedViews(adapter, cache), dataclasses.replace(
@@ -239,11 +247,12 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
         test=[rows[row[i]] if data.transductive else CachedSample("test", test_row[i]) for i in data.test_indices])
 
 
-def caching_precision(adapter: Any, subset: RawData, encoder: nn.Module, cfg: Config, process: PartialState) -> str:
-    """The number format the frozen encoder fills the cache in: `trainer.mixed_precision` as for training
-    ('auto' times the encoder on a batch of test views in fp32 and bf16 where bf16 is native); 'no' or 'bf16'."""
+def caching_precision(adapter: Any, subset: RawData, encoder: nn.Module, cfg: Config, process: PartialState,
+                      prefix_blocks: int = 0) -> str:
+    """The number format the frozen encoder (or prefix) fills the cache in: `trainer.mixed_precision` as for
+    training ('auto' times it on a batch of test views in fp32 and bf16 where bf16 is native); 'no' or 'bf16'."""
     batch = send_to_device(adapter.collate([adapter.test_view(s) for s in (subset.test or subset.train)[:64]]), process.device)
-    model = encoder.to(process.device).eval()
+    model = encoding(encoder.to(process.device).eval(), prefix_blocks)
 
     @torch.no_grad()
     def measure(mode: str) -> float:

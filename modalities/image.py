@@ -458,6 +458,23 @@ class TimmEncoder(ImageEncoder):
         groups = group_modules(self.net, self.net.group_matcher(coarse=True))
         return [nn.ModuleList([self.net.get_submodule(n) for n in names]) for _, names in sorted(groups.items())]
 
+    def can_start_from(self, n: int) -> bool:
+        """Whether the forward pass splits after n freeze units: for timm's EfficientNet / MobileNet family
+        (stem, then one unit per stage of `blocks`, the head with the last), at 1 <= n <= the stages."""
+        net = self.net
+        sequential = all(hasattr(net, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2"))
+        return sequential and len(self.freeze_units()) == 1 + len(net.blocks) and 1 <= n <= len(net.blocks)
+
+    def encode_prefix(self, images: torch.Tensor, n: int) -> torch.Tensor:
+        """The output of the lower n freeze units (the stem and n - 1 stages): (B, C, H, W) feature maps."""
+        x = self.net.bn1(self.net.conv_stem(self.prepare(images)))
+        return self.net.blocks[: n - 1](x)
+
+    def encode_from(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of `forward` after `encode_prefix(images, n)`: the other stages, the head, the pooling."""
+        x = self.net.bn2(self.net.conv_head(self.net.blocks[n - 1:](hidden)))
+        return self.net.forward_head(x)
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
         if x.shape[1] == 1:

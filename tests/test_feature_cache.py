@@ -57,6 +57,36 @@ def test_freeze_lower_blocks_all_and_none():
         apply_freeze(nn.Linear(2, 2), 1)
 
 
+def test_what_a_cache_can_hold_a_whole_frozen_encoder_a_splittable_prefix_or_nothing():
+    from dmssl.pretrained import cached_prefix_blocks
+
+    class Splittable(Blocks):
+        def can_start_from(self, n):
+            return 1 <= n < 3
+
+        def encode_prefix(self, x, n):
+            for unit in self.units[:n]:
+                x = unit(x)
+            return x
+
+        def encode_from(self, hidden, n):
+            for unit in self.units[n:]:
+                hidden = unit(hidden)
+            return hidden
+
+    plain, splittable, whole = Blocks(), Splittable(), Blocks()
+    apply_freeze(plain, 2)
+    apply_freeze(splittable, 2)
+    apply_freeze(whole, "all")
+    assert cached_prefix_blocks(whole, "all") == 0
+    assert cached_prefix_blocks(splittable, 2) == 2
+    assert cached_prefix_blocks(plain, 2) is None  # no encode_prefix: the whole forward runs at every step
+    assert cached_prefix_blocks(Splittable(), "none") is None and cached_prefix_blocks(Splittable(), 3) is None
+    x = torch.randn(5, 4)
+    splittable.eval()
+    assert torch.allclose(splittable.encode_from(splittable.encode_prefix(x, 2), 2), splittable(x))
+
+
 def test_a_frozen_module_stays_in_eval_after_a_deep_copy():
     import copy
 
