@@ -421,6 +421,7 @@ def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
     from accelerate.utils import send_to_device
 
     from dmssl.model import CachedInputs
+    from dmssl.pretrained import freeze_units
 
     cfg, adapter, raw, steps, _ = recipe_step(recipe)
     item = steps[0]
@@ -432,17 +433,17 @@ def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
         encode_s = median_time(lambda: encoder(views), repeats, warmup=1)
         features = encoder(send_to_device(item["inputs"], DEVICE)).float().cpu()
     cached_item = dict(item, inputs=CachedInputs(features=features))
-    steps = {"full": training_step(cfg, adapter, raw.num_classes, item),
+    timed = {"full": training_step(cfg, adapter, raw.num_classes, item),
              "cached": training_step(cfg, adapter, raw.num_classes, cached_item)}
     # A frozen prefix, where the encoder can start after one: all but its top two blocks frozen and cached.
-    units = getattr(encoder, "freeze_units", lambda: [])()
+    units = freeze_units(encoder) or []
     prefix = len(units) - 2 if len(units) > 2 and getattr(encoder, "can_start_from", lambda n: False)(len(units) - 2) else 0
     if prefix:
         with torch.no_grad():
             hidden = encoder.encode_prefix(send_to_device(item["inputs"], DEVICE), prefix).float().cpu()
         prefix_item = dict(item, inputs=CachedInputs(hidden=hidden, prefix_blocks=prefix))
-        steps["prefix"] = training_step(cfg, adapter, raw.num_classes, prefix_item, freeze=prefix)
-    medians = interleaved_medians(steps, repeats, warmup=1)
+        timed["prefix"] = training_step(cfg, adapter, raw.num_classes, prefix_item, freeze=prefix)
+    medians = interleaved_medians(timed, repeats, warmup=1)
     shown = " ".join(t for t in recipe if not t.startswith(("data.root=", "modality.pretrained=")))
     return {"recipe": shown, "encoder": type(encoder).__name__, "views_per_encode": len(raw.test[: cfg.data.eval_batch_size]),
             "encode_views_per_s": len(raw.test[: cfg.data.eval_batch_size]) / encode_s,

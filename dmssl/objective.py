@@ -382,9 +382,10 @@ class DistributionMatching(SemiSupervisedContrastive):
         labels = gather_with_grad(emb.labels.unsqueeze(1).float()).squeeze(1).long()
         conditioned = self.distance.conditions_on_predictions
         if conditioned:  # the prediction of each matched row, from its embedding z (CDAN's g)
-            z_labeled, z_unlabeled = self.sides_for_matching(emb, features=False)
-            p_labeled = gather_with_grad(self.probabilities(z_labeled, emb.prototypes))
-            p_unlabeled = gather_with_grad(self.probabilities(z_unlabeled, emb.prototypes))
+            z_labeled, z_unlabeled = ((labeled, unlabeled) if not self.needs_features else
+                                      map(gather_with_grad, self.sides_for_matching(emb, features=False)))
+            p_labeled = self.probabilities(z_labeled, emb.prototypes)
+            p_unlabeled = self.probabilities(z_unlabeled, emb.prototypes)
         if self.options.labeled_memory:
             current, current_labels = labeled, labels
             if self.memory.numel():

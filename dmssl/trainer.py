@@ -209,9 +209,9 @@ def cached_inputs(adapter: Any, raw: RawData, data: RunData, encoder: nn.Module,
     """(the adapter, the run's data) as they are, or, for a fully frozen encoder (or a frozen prefix the encoder
     can start from) with `model.cached_views` > 0, a `CachedViews` over the feature cache and the same splits as
     cache rows (dmssl/feature_cache.py)."""
-    prefix_blocks = cached_prefix_blocks(encoder, cfg.model.freeze)
     if cfg.model.cached_views == 0:
         return adapter, data
+    prefix_blocks = cached_prefix_blocks(encoder, cfg.model.freeze)
     if prefix_blocks is None:
         if isinstance(cfg.model.freeze, int) and cfg.model.freeze > 0:
             process.print(f"feature cache: not used ({type(encoder).__name__} cannot start its forward pass after "
