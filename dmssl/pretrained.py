@@ -27,6 +27,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from dmssl.errors import ConfigError
@@ -84,6 +85,20 @@ def count(module: nn.Module) -> int:
 
 def is_fully_frozen(encoder: Any) -> bool:
     return not any(p.requires_grad for p in encoder.parameters())
+
+
+def with_mask_channel(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) hidden states and their (B, T, 1) mask of real frames or tokens as one (B, T, d + 1) tensor.
+
+    A sequence encoder's prefix output must be one tensor of one shape per sample (a cache row), and its upper
+    blocks and pooling still need to know which positions are padding: the mask travels as a last channel of
+    0s and 1s, exact in every float format the cache uses."""
+    return torch.cat([hidden, mask.to(hidden.dtype).reshape(*hidden.shape[:2], 1)], dim=-1)
+
+
+def split_mask_channel(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `with_mask_channel`: (hidden states (B, T, d), mask (B, T, 1) of bools)."""
+    return packed[..., :-1], packed[..., -1:] > 0.5
 
 
 def cached_prefix_blocks(encoder: Any, freeze: int | str) -> int | None:

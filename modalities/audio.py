@@ -51,7 +51,7 @@ from torch import nn
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import extract_tar_safely, iter_data_files
 from dmssl.modality import Modality, RawData, check_pattern, group_of
-from dmssl.pretrained import local_files_only
+from dmssl.pretrained import local_files_only, split_mask_channel, with_mask_channel
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -568,7 +568,28 @@ class WhisperAudioEncoder(nn.Module):
             mel = torch.maximum(mel, mel.amax(dim=(1, 2), keepdim=True) - 8.0)
             return (mel + 4.0) / 4.0
 
+    def can_start_from(self, n: int) -> bool:
+        """The forward pass splits after the stem and any number of layers but the last (1 <= n <= layers)."""
+        return 1 <= n <= len(self.net.layers)
+
+    def encode_prefix(self, waves: torch.Tensor, n: int) -> torch.Tensor:
+        """The output of the lower n freeze units (the stem, then n - 1 layers) with the mask of frames that
+        hold audio as a last channel (dmssl.pretrained.with_mask_channel): (B, positions, d_model + 1)."""
+        x, holds = self.embed(waves)
+        return with_mask_channel(self.run_layers(x, self.net.layers[: n - 1]), holds)
+
+    def encode_from(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of `forward` after `encode_prefix(waves, n)`: the other layers, the final norm, the pooling."""
+        x, holds = split_mask_channel(hidden)
+        return masked_mean(self.net.layer_norm(self.run_layers(x, self.net.layers[n - 1:])), holds)
+
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        x, holds = self.embed(waves)
+        return masked_mean(self.net.layer_norm(self.run_layers(x, self.net.layers)), holds)
+
+    def embed(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem: (B, positions, d_model) inputs of the first layer, and the (B, positions, 1) mask of the
+        positions that hold audio (a position covers 2 mel hops, 320 samples)."""
         if self.sample_rate != self.RATE:
             import torchaudio.functional as AF
 
@@ -580,13 +601,14 @@ class WhisperAudioEncoder(nn.Module):
         if positions > net.embed_positions.num_embeddings:
             raise DataError(f"clips of {waves.shape[-1] / self.RATE:.1f} s are longer than Whisper's 30-second window; "
                             "lower modality.clip_seconds")
-        x = x + net.embed_positions.weight[:positions]
-        for layer in net.layers:
+        return x + net.embed_positions.weight[:positions], frames_holding_audio(waves, positions, self.HOP * 2)
+
+    @staticmethod
+    def run_layers(x: torch.Tensor, layers: Any) -> torch.Tensor:
+        for layer in layers:
             out = layer(x, None)
             x = out[0] if isinstance(out, tuple) else out
-        hidden = net.layer_norm(x)
-        # A position covers 2 mel hops (320 samples).
-        return masked_mean(hidden, frames_holding_audio(waves, positions, self.HOP * 2))
+        return x
 
 
 class WaveformSpeechEncoder(nn.Module):
@@ -634,7 +656,30 @@ class WaveformSpeechEncoder(nn.Module):
             stem.append(encoder.layer_norm)
         return [nn.ModuleList(stem), *layers]
 
+    def can_start_from(self, n: int) -> bool:
+        """The forward pass splits after the stem and any number of layers but the last (1 <= n <= layers),
+        except in WavLM, whose layers pass a relative position bias from the first to the others."""
+        return self.net.config.model_type != "wavlm" and 1 <= n <= len(self.net.encoder.layers)
+
+    def encode_prefix(self, waves: torch.Tensor, n: int) -> torch.Tensor:
+        """The output of the lower n freeze units (the stem, then n - 1 layers) with the mask of frames that
+        hold audio as a last channel (dmssl.pretrained.with_mask_channel): (B, frames, hidden_size + 1)."""
+        x, holds = self.embed(waves)
+        return with_mask_channel(self.run_layers(x, self.net.encoder.layers[: n - 1]), holds)
+
+    def encode_from(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of `forward` after `encode_prefix(waves, n)`: the other layers, a pre-norm model's final norm,
+        the pooling."""
+        x, holds = split_mask_channel(hidden)
+        return masked_mean(self.finish(self.run_layers(x, self.net.encoder.layers[n - 1:])), holds)
+
     def forward(self, waves: torch.Tensor) -> torch.Tensor:
+        waves, holds = self.normalized(waves)
+        hidden = self.net(input_values=waves).last_hidden_state
+        return masked_mean(hidden, frames_holding_audio(holds.float(), hidden.shape[1], self.span))
+
+    def normalized(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Waveforms at the model's rate, normalised as its feature extractor does, and the samples holding audio."""
         waves = waves.float()
         if self.sample_rate != self.model_rate:
             import torchaudio.functional as AF
@@ -647,5 +692,30 @@ class WaveformSpeechEncoder(nn.Module):
                 mean = (waves * holds).sum(1, keepdim=True) / count
                 var = (((waves - mean) * holds) ** 2).sum(1, keepdim=True) / count
                 waves = torch.where(holds, (waves - mean) / (var + 1e-7).sqrt(), torch.zeros_like(waves))
-        hidden = self.net(input_values=waves).last_hidden_state
-        return masked_mean(hidden, frames_holding_audio(holds.float(), hidden.shape[1], self.span))
+        return waves, holds
+
+    def embed(self, waves: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stem, as the model's forward pass runs it without an attention mask: the convolutional features,
+        their projection, plus the convolutional positional embedding, then (post-norm models) the input norm.
+        The layers above a cached prefix train without the model's LayerDrop (its forward pass, which full
+        fine-tuning runs, keeps it).
+        Returns the first layer's (B, frames, hidden_size) inputs and the (B, frames, 1) mask of frames holding
+        audio."""
+        waves, holds = self.normalized(waves)
+        net, encoder = self.net, self.net.encoder
+        projected = net.feature_projection(net.feature_extractor(waves).transpose(1, 2))
+        x = projected[0] if isinstance(projected, tuple) else projected
+        x = x + encoder.pos_conv_embed(x)
+        if not getattr(net.config, "do_stable_layer_norm", False):
+            x = encoder.layer_norm(x)
+        return encoder.dropout(x), frames_holding_audio(holds.float(), x.shape[1], self.span)
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.encoder.layer_norm(x) if getattr(self.net.config, "do_stable_layer_norm", False) else x
+
+    @staticmethod
+    def run_layers(x: torch.Tensor, layers: Any) -> torch.Tensor:
+        for layer in layers:
+            out = layer(x, attention_mask=None)
+            x = out[0] if isinstance(out, tuple) else out
+        return x

@@ -32,12 +32,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmssl.errors import ConfigError, DataError
 from dmssl.files import cache_file, file_identity, read_npz_cache, stored_groups, write_npz_atomic
 from dmssl.modality import Modality, RawData
-from dmssl.pretrained import local_files_only
+from dmssl.pretrained import local_files_only, split_mask_channel, with_mask_channel
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 TABLE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
@@ -381,7 +382,8 @@ class TextModality(Modality):
         if self.model.encoder not in self.encoders:
             raise ConfigError(f"model.encoder={self.model.encoder!r} is not a text encoder; allowed: "
                               f"{', '.join(self.encoders)} (the same Transformer from modality.pretrained)")
-        return TransformerEncoder(self.options.pretrained or DEFAULT_MODEL, self.options.pooling, self.options.freeze_layers)
+        return TransformerEncoder(self.options.pretrained or DEFAULT_MODEL, self.options.pooling, self.options.freeze_layers,
+                                  self.options.max_length)
 
 
 def drop_tokens(ids: list[int], prob: float) -> list[int]:
@@ -393,14 +395,22 @@ def drop_tokens(ids: list[int], prob: float) -> list[int]:
 
 
 class TransformerEncoder(nn.Module):
-    """A Hugging Face `AutoModel` with mean (over real tokens) or CLS pooling; `freeze` lower layers."""
+    """A Hugging Face `AutoModel` with mean (over real tokens) or CLS pooling; `freeze` lower layers.
 
-    def __init__(self, name: str, pooling: str = "mean", freeze_layers: int = 0) -> None:
+    `max_length`, the adapter's longest sequence, fixes the shape of a frozen prefix's output (`encode_prefix`
+    pads to it), so that it can be a feature cache's row."""
+
+    # Model types whose layers (`encoder.layer`) run on the model's own bidirectional mask and nothing else
+    # (MPNet's also on its relative position bias, computed from the hidden states): the forward pass splits.
+    SPLITTABLE = ("bert", "roberta", "xlm-roberta", "electra", "mpnet")
+
+    def __init__(self, name: str, pooling: str = "mean", freeze_layers: int = 0, max_length: int | None = None) -> None:
         super().__init__()
         from transformers import AutoModel
 
         self.net = load_pretrained(AutoModel, resolve_model_path(name))
         self.pooling = pooling
+        self.max_length = max_length
         self.feature_dim = int(self.net.config.hidden_size)
         if freeze_layers:
             layers = getattr(getattr(self.net, "encoder", None), "layer", None)
@@ -421,12 +431,53 @@ class TransformerEncoder(nn.Module):
             units[-1] = nn.ModuleList([units[-1], self.net.pooler])
         return units
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        hidden = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    def can_start_from(self, n: int) -> bool:
+        """The forward pass splits after the embeddings and any number of layers but the last (1 <= n <= layers),
+        for the model types in `SPLITTABLE`, when the longest sequence is known."""
+        layers = getattr(getattr(self.net, "encoder", None), "layer", None)
+        return (self.max_length is not None and layers is not None and self.net.config.model_type in self.SPLITTABLE
+                and 1 <= n <= len(layers))
+
+    def encode_prefix(self, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """The output of the lower n freeze units (the embeddings, then n - 1 layers) with the attention mask as a
+        last channel (dmssl.pretrained.with_mask_channel), padded to `max_length`: (B, max_length, hidden + 1)."""
+        mask = batch["attention_mask"]
+        x = self.run_layers(self.net.embeddings(input_ids=batch["input_ids"]), mask, self.net.encoder.layer[: n - 1])
+        packed = with_mask_channel(x, mask.unsqueeze(-1))
+        return F.pad(packed, (0, 0, 0, int(self.max_length or x.shape[1]) - x.shape[1]))
+
+    def encode_from(self, hidden: torch.Tensor, n: int) -> torch.Tensor:
+        """The rest of `forward` after `encode_prefix(batch, n)`: the other layers and the pooling, on the
+        positions up to the batch's longest sequence (padding past it changes nothing: it is masked)."""
+        x, holds = split_mask_channel(hidden)
+        length = int(holds[..., 0].any(0).nonzero().max()) + 1 if holds.any() else 1
+        x, holds = x[:, :length], holds[:, :length]
+        mask = holds[..., 0].long()
+        return self.pool(self.run_layers(x, mask, self.net.encoder.layer[n - 1:]), mask)
+
+    def run_layers(self, x: torch.Tensor, mask: torch.Tensor, layers: Any) -> torch.Tensor:
+        """`layers` on (B, T, hidden) with the (B, T) attention mask, as the model's forward pass calls them."""
+        if len(layers) == 0:
+            return x
+        from transformers.masking_utils import create_bidirectional_mask
+
+        attention = create_bidirectional_mask(config=self.net.config, inputs_embeds=x, attention_mask=mask)
+        mpnet = self.net.config.model_type == "mpnet"
+        bias = self.net.encoder.compute_position_bias(x) if mpnet else None
+        for layer in layers:
+            out = layer(x, attention, bias) if mpnet else layer(x, attention_mask=attention)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "cls":
             return hidden[:, 0]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = self.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        return self.pool(hidden, batch["attention_mask"])
 
 
 # ---------------------------------------------------------------- model and data loading

@@ -57,6 +57,50 @@ def test_encoder_pools_over_the_frames_that_hold_audio(tiny_whisper):
     assert "lower 2 of 3 blocks" in apply_freeze(encoder, 2)
 
 
+def test_whisper_runs_in_two_parts_after_every_layer_but_the_last(tiny_whisper):
+    encoder = WhisperAudioEncoder(str(tiny_whisper), 8000).eval()
+    torch.manual_seed(2)
+    waves = torch.zeros(3, 8000)
+    waves[0, :3000] = 0.1 * torch.randn(3000)  # padding after it: the mask must travel with the prefix
+    waves[1] = 0.1 * torch.randn(8000)
+    with torch.no_grad():
+        whole = encoder(waves)
+        for n in (1, 2):
+            hidden = encoder.encode_prefix(waves, n)
+            assert hidden.shape == (3, 50, 17)  # 1 s -> 50 positions; 16 channels and the mask
+            assert hidden[0, :, -1].sum() < hidden[1, :, -1].sum() == 50 and hidden[2, :, -1].sum() == 0
+            assert torch.allclose(encoder.encode_from(hidden, n), whole, atol=1e-5), n
+            # in the cache's fp16 the mask is exact and the features close
+            assert torch.allclose(encoder.encode_from(hidden.half().float(), n), whole, atol=1e-2), n
+    assert encoder.can_start_from(1) and encoder.can_start_from(2)
+    assert not encoder.can_start_from(0) and not encoder.can_start_from(3)  # 3: every block, the whole encoder
+
+
+def test_a_frozen_whisper_prefix_is_cached_and_only_the_top_layer_trains(tiny_whisper, tmp_path, monkeypatch, capsys):
+    from dmssl.checkpoint import list_checkpoints, load_checkpoint
+    from dmssl.trainer import fit
+    from tests.modalities.test_audio import make_folder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = make_folder(tmp_path / "clips")
+    summary = fit(resolve(["recipe=audio_fsdd_pretrained", f"data.root={root}", f"modality.pretrained={tiny_whisper}",
+                           "modality.test_pattern=_[0-1]\\.wav$", "data.labels_per_class=2", "data.batch_size=4",
+                           "data.mu=2", "model.freeze=2", "model.cached_views=1", f"data.cache_dir={tmp_path / 'cache'}",
+                           "trainer.max_steps=4", "trainer.eval_every=2", "trainer.progress_bar=false",
+                           "trainer.mixed_precision=no", f"output_dir={tmp_path / 'run'}"]))
+    out = capsys.readouterr().out
+    assert summary["steps"] == 4 and "lower 2 of 3 blocks" in out and "feature cache: encoded" in out
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    train = np.load(folder / "train.npy", mmap_mode="r")
+    assert train.ndim == 4 and train.shape[1:] == (3, 50, 17)  # (N, clean + weak + strong, positions, 16 + mask)
+    pretrained = WhisperAudioEncoder(str(tiny_whisper), 16000).state_dict()
+    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+    frozen = [k for k in pretrained if k.startswith(("net.conv1", "net.layers.0."))]
+    top = [k for k in pretrained if k.startswith("net.layers.1.")]
+    assert frozen and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in frozen)
+    assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
+
+
 def test_recipe_checks_the_pretrained_model_before_data_loads(tiny_whisper, tmp_path, monkeypatch):
     from dmssl.modality import build_adapter
 
@@ -92,6 +136,9 @@ def test_real_whisper_tiny_en_on_real_fsdd_clips():
     with torch.no_grad():
         features = encoder(adapter.collate([raw.test[i] for i in picked] * 2))
     assert torch.isfinite(features).all() and torch.allclose(features[:10], features[10:])
+    with torch.no_grad():  # a frozen prefix of the stem and 3 layers, then the last: the same features
+        clips = adapter.collate([raw.test[i] for i in picked])
+        assert torch.allclose(encoder.encode_from(encoder.encode_prefix(clips, 4), 4), features[:10], atol=1e-4)
     # ten different digits give ten clearly different features
     cosine = torch.nn.functional.normalize(features[:10], dim=1) @ torch.nn.functional.normalize(features[:10], dim=1).T
     assert cosine[~torch.eye(10, dtype=torch.bool)].max() < 0.999
@@ -156,6 +203,32 @@ def test_waveform_encoder__the_models_own_features_pooled_over_frames_holding_au
     assert "lower 1 of 3 blocks" in apply_freeze(encoder, 1)
     assert not any(p.requires_grad for p in encoder.net.feature_extractor.parameters())
     assert all(p.requires_grad for p in encoder.net.encoder.layers[0].parameters())
+
+
+@pytest.mark.parametrize("family,extra", [("wav2vec2", {}), ("hubert", {}),
+                                          ("wav2vec2", {"do_stable_layer_norm": True, "feat_extract_norm": "layer"})])
+def test_waveform_encoder_runs_in_two_parts_as_the_models_own_forward_pass(family, extra, tmp_path):
+    from modalities.audio import pretrained_speech_encoder
+
+    encoder = pretrained_speech_encoder(str(tiny_waveform_model(tmp_path / family, family, **extra)), 16000).eval()
+    torch.manual_seed(3)
+    waves = torch.zeros(2, 16000)
+    waves[0] = 0.1 * torch.randn(16000)
+    waves[1, :6000] = 0.1 * torch.randn(6000)
+    with torch.no_grad():
+        whole = encoder(waves)
+        for n in (1, 2):
+            hidden = encoder.encode_prefix(waves, n)
+            assert hidden.shape == (2, 49, 17) and hidden[1, :, -1].sum() < 49  # 320-sample frames
+            assert torch.allclose(encoder.encode_from(hidden, n), whole, atol=1e-5), (family, n)
+    assert not encoder.can_start_from(0) and not encoder.can_start_from(3)
+
+
+def test_wavlm_does_not_split_its_layers(tmp_path):
+    from modalities.audio import pretrained_speech_encoder
+
+    encoder = pretrained_speech_encoder(str(tiny_waveform_model(tmp_path / "wavlm", "wavlm")), 16000)
+    assert not encoder.can_start_from(1)  # its layers pass a position bias on: the whole forward pass trains
 
 
 def test_waveform_encoder__8_khz_clips_are_resampled_and_silence_pools_to_zero(tiny_wav2vec2):

@@ -319,3 +319,59 @@ def test_transductive_cross_domain_run_needs_no_test_file(tiny_bert, tmp_path):
     assert summary["num_test"] == 16 and summary["num_labeled"] == 20  # the pool (20 less 4 dev) and every north label
     folds = fit(resolve([*base, "modality.test_column=fold", "modality.test_values=[0]", f"output_dir={tmp_path / 'folds'}"]))
     assert folds["test_set"] == "held out" and folds["num_test"] == 4 and folds["num_labeled"] == 16
+
+
+def tiny_mpnet(folder):
+    from transformers import MPNetConfig, MPNetModel
+
+    config = MPNetConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    MPNetModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_transformer_runs_in_two_parts_after_every_layer_but_the_last(tiny_bert, family, pooling, tmp_path):
+    from modalities.text import TransformerEncoder
+
+    name = str(tiny_bert if family == "bert" else tiny_mpnet(tmp_path / "mpnet"))
+    encoder = TransformerEncoder(name, pooling, max_length=16).eval()
+    batch = {"input_ids": torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 11, 12, 3, 0, 0, 0, 0]]),
+             "attention_mask": torch.tensor([[1] * 8, [1, 1, 1, 1, 0, 0, 0, 0]])}
+    with torch.no_grad():
+        whole = encoder(batch)
+        for n in (1, 2):
+            hidden = encoder.encode_prefix(batch, n)
+            assert hidden.shape == (2, 16, 17)  # padded to max_length; 16 channels and the mask
+            assert hidden[:, :, -1].sum(1).tolist() == [8, 4]
+            assert torch.allclose(encoder.encode_from(hidden, n), whole, atol=1e-5), (family, pooling, n)
+            # a batch of short sequences only: the trimmed positions give the same features
+            assert torch.allclose(encoder.encode_from(hidden[1:], n), whole[1:], atol=1e-5)
+    assert encoder.can_start_from(1) and encoder.can_start_from(2) and not encoder.can_start_from(3)
+    assert not TransformerEncoder(name).can_start_from(1)  # no longest sequence: no fixed shape to cache
+
+
+def test_a_frozen_transformer_prefix_is_cached_and_only_the_top_layer_trains(tiny_bert, data_root, tmp_path, capsys):
+    from dmssl.checkpoint import list_checkpoints, load_checkpoint
+    from dmssl.recipe import resolve
+    from dmssl.trainer import fit
+    from modalities.text import TransformerEncoder
+
+    summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"modality.pretrained={tiny_bert}",
+                           f"data.cache_dir={tmp_path / 'cache'}", "data.labels_per_class=4", "data.batch_size=4",
+                           "data.num_workers=0", "data.test_subset=null", "modality.max_length=16", "model.freeze=2",
+                           "model.cached_views=1", "trainer.max_steps=4", "trainer.progress_bar=false",
+                           "trainer.mixed_precision=no", f"output_dir={tmp_path / 'run'}"]))
+    out = capsys.readouterr().out
+    assert summary["steps"] == 4 and "lower 2 of 3 blocks" in out and "feature cache: encoded" in out
+    (folder,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir() and p.name.startswith("features-")]
+    train = np.load(folder / "train.npy", mmap_mode="r")
+    assert train.shape[1:] == (3, 16, 17)  # (N, clean + weak + strong, max_length, 16 + mask)
+    pretrained = TransformerEncoder(str(tiny_bert)).state_dict()
+    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+    frozen = [k for k in pretrained if k.startswith(("net.embeddings", "net.encoder.layer.0."))]
+    top = [k for k in pretrained if k.startswith("net.encoder.layer.1.")]
+    assert frozen and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in frozen)
+    assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
