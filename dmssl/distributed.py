@@ -2,18 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
 
+_local_only = False  # set by `this_process_only`
+
+
+def _grouped() -> bool:
+    return not _local_only and torch_dist.is_available() and torch_dist.is_initialized()
+
 
 def world_size() -> int:
-    return torch_dist.get_world_size() if torch_dist.is_available() and torch_dist.is_initialized() else 1
+    return torch_dist.get_world_size() if _grouped() else 1
 
 
 def rank() -> int:
-    return torch_dist.get_rank() if torch_dist.is_available() and torch_dist.is_initialized() else 0
+    return torch_dist.get_rank() if _grouped() else 0
+
+
+@contextlib.contextmanager
+def this_process_only() -> Iterator[None]:
+    """Inside, the helpers below act as in a single process: no collective is called.
+
+    For work that one process does on its own while the others do something else (the precision probe,
+    which times a step a number of times that depends on the process's own clock): a collective there
+    would wait for partners that never call it, and the run would hang."""
+    global _local_only
+    before, _local_only = _local_only, True
+    try:
+        yield
+    finally:
+        _local_only = before
 
 
 class _GatherWithGrad(torch.autograd.Function):

@@ -48,6 +48,7 @@ from dmssl.data import (
     split_dev,
     split_labeled,
 )
+from dmssl.distributed import this_process_only
 from dmssl.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from dmssl.feature_cache import CachedSample, CachedViews, encoding, open_or_build
 from dmssl.metrics import ClassificationReport, confusion_matrix
@@ -432,8 +433,10 @@ def train_in(run_dir: Path, cfg: Config, process: PartialState, started: float) 
                              cfg.trainer.max_steps, cfg.seed, process.process_index, process.num_processes)
 
     # ==== precision: measured on the first real step where auto decides, kept on resume ====
+    # The main process measures and the others take its choice: how many steps a probe times depends on
+    # its own clock, so probes in every process would not even agree on how many steps they take.
     measure = (step_timer(model, objective, lambda: steps_data[state.step], state.step, process.device)
-               if state.step < cfg.trainer.max_steps else None)
+               if state.step < cfg.trainer.max_steps and process.is_main_process else None)
     precision = choose_precision(cfg.trainer.mixed_precision, torch.cuda.is_available(), cfg.trainer.channels_last,
                                  measure=measure, recorded=state.precision)
     if process.num_processes > 1:  # timings differ between processes; all of them compute as the main one chose
@@ -655,7 +658,9 @@ def step_timer(model: SSLModel, objective: nn.Module, first_step: Callable[[], d
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mode == "bf16"):
                 return probe_model(*args, **kwargs)
 
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), Stopwatch(device) as watch:
+        # One process's step, with no collective: the other processes are not probing alongside it.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), this_process_only(), \
+                Stopwatch(device) as watch:
             out = run_objective(forward, probe_objective, batch, step, probe_model.prototypes)
             out.loss.backward()
         probe_model.zero_grad(set_to_none=True)

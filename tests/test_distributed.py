@@ -4,6 +4,8 @@ On 2 processes x batch B the distribution-matching term, and the gradient it sen
 embeddings (after DDP's averaging), equal those of 1 process x batch 2B.
 """
 
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -63,3 +65,28 @@ def test_two_processes_match_one_process_on_the_global_batch(tmp_path, name, opt
         # for the local rows and DDP divides by W: the update is exactly the single-process one.
         assert torch.allclose(got["x_grad"], x.grad[labeled_rows], atol=1e-6)
         assert torch.allclose(got["y_grad"], y.grad[weak_rows], atol=1e-6)
+
+
+def probing_worker(rank, init_file, out_file):
+    # A short collective timeout: a probe that called one would fail here in seconds, not hang the suite.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                           timeout=timedelta(seconds=20))
+    from dmssl.objective import build_objective
+    from dmssl.trainer import step_timer
+    from tests.tiny_models import tiny_model, tiny_step_batch
+
+    torch.manual_seed(0)
+    model, batch = tiny_model(), tiny_step_batch()
+    objective = build_objective("dmssl", None, 3, build_distance("mmd"))
+    measure = step_timer(model, objective, lambda: batch, 0, torch.device("cpu"))
+    # The processes time different numbers of steps, as probes on clocks of their own do.
+    for _ in range(3 if rank == 0 else 1):
+        measure("no")
+    dist.barrier()  # the group still works: no collective of a probe is left waiting
+    torch.save({"done": True}, f"{out_file}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_precision_probe_calls_no_collective(tmp_path):
+    mp.spawn(probing_worker, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    assert all(torch.load(f"{tmp_path / 'out'}.{rank}")["done"] for rank in range(WORLD))

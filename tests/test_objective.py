@@ -220,8 +220,8 @@ def test_dmssl__labeled_memory_adds_earlier_steps_detached_and_survives_a_checkp
 
 
 def test_dmssl__features_space_matches_the_encoder_features_and_bypasses_the_head():
-    from dmssl.model import SSLModel
     from dmssl.objective import run_objective
+    from tests.tiny_models import tiny_model, tiny_step_batch
 
     emb = embeddings()
     emb.labeled_features, emb.weak_features = torch.randn(6, 5) * 3, torch.randn(8, 5) * 3
@@ -237,20 +237,8 @@ def test_dmssl__features_space_matches_the_encoder_features_and_bypasses_the_hea
 
     # Through a model: the step's features reach the objective, and only the matching term's gradient is
     # checked here: the encoder gets it, the projection head does not.
-    class Encoder(torch.nn.Module):
-        feature_dim = 5
-
-        def __init__(self):
-            super().__init__()
-            self.layer = torch.nn.Linear(4, 5)
-
-        def forward(self, x):
-            return self.layer(x)
-
     torch.manual_seed(0)
-    model = SSLModel(Encoder(), num_classes=3, proj_hidden_dim=8, proj_dim=6)
-    batch = {"inputs": torch.randn(6 + 3 * 8, 4), "labels": torch.arange(6) % 3, "num_unlabeled": 8,
-             "unlabeled_targets": torch.full((8,), -1)}
+    model, batch = tiny_model(), tiny_step_batch()
     options = OBJECTIVES.get("dmssl").Options(dm_space="features", lambda_dm=1.0)
     objective = build_objective("dmssl", options, 3, distance)
     out = run_objective(model, objective, batch, 0, model.prototypes)

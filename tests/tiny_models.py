@@ -1,0 +1,28 @@
+"""A tiny model and one step's batch for it, shared by tests that run an objective through a model."""
+
+import torch
+
+from dmssl.model import SSLModel
+
+
+class LinearEncoder(torch.nn.Module):
+    """One linear layer from 4 inputs to 5 features."""
+
+    feature_dim = 5
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 5)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def tiny_model(num_classes: int = 3) -> SSLModel:
+    return SSLModel(LinearEncoder(), num_classes=num_classes, proj_hidden_dim=8, proj_dim=6)
+
+
+def tiny_step_batch(labeled: int = 6, unlabeled: int = 8, num_classes: int = 3) -> dict:
+    """A step's batch as the trainer makes it: labeled inputs, then the weak and two strong views of the unlabeled."""
+    return {"inputs": torch.randn(labeled + 3 * unlabeled, 4), "labels": torch.arange(labeled) % num_classes,
+            "num_unlabeled": unlabeled, "unlabeled_targets": torch.full((unlabeled,), -1)}
