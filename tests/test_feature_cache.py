@@ -146,6 +146,39 @@ def test_cache_holds_the_encoders_outputs_and_is_reused_and_rebuilt_when_broken(
     assert np.array_equal(np.asarray(rebuilt.train), before)  # the seeded view stream: the same bytes
 
 
+def test_views_equal_to_the_clean_view_are_copied_not_encoded(tmp_path):
+    cfg = resolve([*Q, f"data.cache_dir={tmp_path / 'cache'}", "model.freeze=all"])
+    adapter = build_adapter(cfg)
+    raw = adapter.load()
+    raw = type(raw)(train=raw.train[:40], train_labels=raw.train_labels[:40], test=raw.test[:8],
+                    test_labels=raw.test_labels[:8], class_names=raw.class_names)
+    adapter.weak_views = lambda samples: [adapter.test_view(s) for s in samples]  # as text's with no token dropout
+    torch.manual_seed(0)
+    encoder = adapter.build_encoder()
+    apply_freeze(encoder, "all")
+    encoded = []
+    encoder.register_forward_hook(lambda module, args, out: encoded.append(out.shape[0]))
+    lines = []
+    cache = open_or_build(adapter, raw, encoder, 2, cfg.data.cache_dir, torch.device("cpu"), 16, log=lines.append)
+    rows = np.asarray(cache.train, dtype=np.float32)
+    assert np.array_equal(rows[:, 1], rows[:, 0]) and np.array_equal(rows[:, 2], rows[:, 0])  # the weak views
+    assert not np.allclose(rows[:, 3], rows[:, 0])  # a strong view is encoded
+    assert sum(encoded) == 1 + 40 * (1 + 2) + 8  # the shape probe; clean and two strong views of each; the tests
+    assert "80 equal to their clean view, copied" in lines[0]
+
+
+@pytest.mark.parametrize(("a", "b", "same"), [
+    ([1, 2, 3], [1, 2, 3], True), ([1, 2, 3], [1, 2], False), (torch.ones(3), torch.ones(3), True),
+    (torch.ones(3), torch.ones(4), False), (torch.ones(3), torch.ones(3, dtype=torch.float64), False),
+    (torch.ones(3), [1.0, 1.0, 1.0], False), (np.zeros(2), np.zeros(2), True),
+    ({"x": torch.ones(2)}, {"x": torch.ones(2)}, False),  # no single truth value: counted as different
+])
+def test_same_view(a, b, same):
+    from dmssl.feature_cache import same_view
+
+    assert same_view(a, b) is same
+
+
 def test_cache_key_changes_with_the_data_the_weights_and_the_views(tmp_path):
     adapter, raw, encoder, cache, _ = built_cache(tmp_path)
     key = cache_key(adapter, raw, encoder, 2)
