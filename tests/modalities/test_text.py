@@ -375,3 +375,31 @@ def test_a_frozen_transformer_prefix_is_cached_and_only_the_top_layer_trains(tin
     top = [k for k in pretrained if k.startswith("net.encoder.layer.1.")]
     assert frozen and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in frozen)
     assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
+
+
+def test_feature_cache_encodes_by_length_and_writes_each_row_in_place(tiny_bert, tmp_path):
+    from dmssl.feature_cache import length_order, open_or_build
+    from dmssl.pretrained import apply_freeze
+
+    rng = random.Random(3)
+    rows = [{"text": " ".join(rng.choice(WORDS) for _ in range(rng.choice([2, 3, 12, 14]))), "label": i % 2}
+            for i in range(24)]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:8])
+    a = adapter(tiny_bert, tmp_path)
+    raw = a.load()
+    order = length_order(a, raw.train)
+    assert [len(a.test_view(raw.train[i])) for i in order] == sorted(len(s.ids) for s in raw.train)
+    encoder = a.build_encoder()
+    apply_freeze(encoder, "all")
+    widths = []
+    encoder.register_forward_hook(lambda module, args, out: widths.append(args[0]["input_ids"].numel()))
+    cache = open_or_build(a, raw, encoder, 1, str(tmp_path / "features"), torch.device("cpu"), 8, log=lambda line: None)
+    # Each row holds its own sample's clean view, encoded alone (no padding) ...
+    with torch.no_grad():
+        alone = torch.cat([encoder(a.collate([a.test_view(s)])) for s in raw.train]).numpy()
+    assert np.allclose(np.asarray(cache.train[:, 0], dtype=np.float32), alone, atol=2e-3)
+    # ... and the clean views' batches padded fewer positions than batches in the data's order would
+    in_data_order = sum(len(batch) * (2 + max(len(s.ids) for s in batch))
+                        for batch in (raw.train[i: i + 8] for i in range(0, len(raw.train), 8)))
+    assert sum(widths[1: 1 + len(raw.train) // 8]) < in_data_order
