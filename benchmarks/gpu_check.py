@@ -1,6 +1,7 @@
 """GPU evidence in one command: step speed, the loader, the distances' cost and a short CIFAR-10 quality check.
 
-    python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --json gpu.json [--minutes 8]
+    python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --json gpu.json [--minutes 8] \
+        [--pretrained PATH/tf_efficientnet_lite0 --fine-tune-minutes 4]
     python benchmarks/gpu_check.py --tiny            # smoke run on a CPU (CI): small sizes, about a minute
     python benchmarks/gpu_check.py --render gpu.json --write docs/results/gpu.md   # put a run's figures on a page
 
@@ -11,7 +12,11 @@
 2. distances: forward + backward time and peak memory at n = 1k ... 16k embeddings per side (d = 128);
 3. quality and the loader: the real trainer on CIFAR-10 with 250 labels and WRN-28-2, fixmatch then dmssl
    for the same number of steps (as many as fit the time left), each run's test accuracy and the share of
-   its loop spent waiting for the DataLoader (the loader keeps up when that share is small).
+   its loop spent waiting for the DataLoader (the loader keeps up when that share is small);
+4. with --pretrained (a timm folder or hub name): the full fine-tune of `recipe=image_cifar10_pretrained` on all
+   of CIFAR-10 with its GPU settings (`FINE_TUNE`: the whole encoder trains, no cache, bf16), for as many steps
+   as fit --fine-tune-minutes; its test accuracy, steps per second and share of the GPU's bf16 peak, from the
+   encoder's training FLOPs per image as PyTorch's FlopCounterMode counts them at the model's input size.
 
 Everything is written to --json as it is measured, so a run cut short still leaves its figures.
 """
@@ -44,12 +49,17 @@ from benchmarks.speed import (  # noqa: E402
     write_section,
     wrn_step_flops,
 )
+from dmssl.errors import ConfigError  # noqa: E402
 from dmssl.modality import build_adapter  # noqa: E402
 from dmssl.objective import objective_from_config  # noqa: E402
 from dmssl.recipe import resolve  # noqa: E402
 
 # The adapter by module path: this script also runs from a plain checkout, where no entry point is installed.
 IMAGE = "modality.name=modalities.image:ImageModality"
+# The pretrained CIFAR-10 recipe's GPU settings for a full fine-tune (its header names the same overrides).
+FINE_TUNE = ["model.freeze=none", "model.cached_views=0", "modality.pretrained_size=null", "data.train_subset=null",
+             "data.test_subset=null", "trainer.optimizer=adamw", "trainer.lr=0.0003", "trainer.head_lr_scale=10",
+             "trainer.mixed_precision=bf16"]
 
 
 def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any]]:
@@ -133,6 +143,67 @@ def quality(tiny: bool, cifar: str | None, seconds_left: float, step_s: float, w
     return rows
 
 
+def train_step_flops_per_image(overrides: list[str]) -> float:
+    """FLOPs of one training step of the run's encoder per input image: 3 x its forward's, as PyTorch's
+    FlopCounterMode counts the forward at the encoder's own input size (the convention wrn_step_flops uses too;
+    the counter's backward formula ignores convolution groups, which would count EfficientNet's depthwise
+    convolutions' backward as full ones: 32 GFLOPs an image instead of 2.3)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = resolve(overrides)
+    adapter = build_adapter(cfg)
+    encoder = adapter.build_encoder().to(DEVICE).eval()
+    # CIFAR-sized uint8 images: the encoder resizes them to its own input size, as in the run.
+    images = torch.randint(0, 256, (2, getattr(adapter, "in_channels", 3), 32, 32), dtype=torch.uint8, device=DEVICE)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        encoder(images)
+    return 3 * counter.get_total_flops() / images.shape[0]
+
+
+def fine_tune_overrides(tiny: bool, cifar: str | None, pretrained: str, workers: int) -> list[str]:
+    """The fine-tune run's recipe and overrides: the pretrained CIFAR-10 recipe with its GPU settings, or a tiny
+    CPU stand-in on the bundled digits."""
+    if tiny:
+        return ["recipe=quickstart", "model.encoder=pretrained", f"modality.pretrained={pretrained}",
+                "modality.pretrained_size=32", "model.freeze=none", "model.cached_views=0", "data.batch_size=8",
+                "data.mu=2", "data.num_workers=0", "trainer.mixed_precision=no", IMAGE]
+    return ["recipe=image_cifar10_pretrained", f"data.root={cifar}", f"modality.pretrained={pretrained}", *FINE_TUNE,
+            f"data.num_workers={workers}", "data.eval_batch_size=1024", IMAGE]
+
+
+def fine_tune(base: list[str], steps: int, seconds: float, flops_per_image: float) -> dict[str, Any]:
+    """The run `base` with every encoder weight trained, for `steps` or as many as fit `seconds`."""
+    cfg = resolve(base)
+    views = objective_from_config(cfg, 10).unlabeled_views
+    images_per_step = cfg.data.batch_size * (1 + len(views) * cfg.data.mu)
+    pretrained = cfg.modality.options.pretrained
+    with tempfile.TemporaryDirectory() as folder:
+        run_dir = Path(folder) / "fine-tune"
+        command = [sys.executable, str(ROOT / "train.py"), *base, f"trainer.max_steps={steps}",
+                   f"trainer.max_minutes={max(0.2, (seconds - 60) / 60):.2f}", f"trainer.eval_every={steps}",
+                   f"trainer.checkpoint_every={steps}", "trainer.save_embeddings=false", "trainer.progress_bar=false",
+                   f"output_dir={run_dir}"]
+        try:
+            done = subprocess.run(command, cwd=ROOT, timeout=seconds + 120, capture_output=True, text=True)
+        except subprocess.TimeoutExpired:
+            return {"error": f"no result within {seconds + 120:.0f} s"}
+        if done.returncode != 0:
+            print(f"fine-tune failed:\n{done.stderr[-3000:]}", flush=True)
+            return {"error": done.stderr.strip().splitlines()[-1:]}
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    step_s = summary["train_seconds"] / max(1, summary["steps"])
+    row = {k: summary[k] for k in ("objective", "test_accuracy", "steps", "train_seconds", "data_wait_share",
+                                   "mixed_precision", "num_labeled", "num_test", "stop_reason")}
+    row |= {"pretrained": pretrained, "images_per_step": images_per_step, "step_s": step_s,
+            "images_per_s": images_per_step / step_s, "train_flops_per_image": flops_per_image}
+    peak = bf16_peak_tflops(torch.cuda.get_device_name()) if DEVICE.type == "cuda" else None
+    if peak:
+        row["bf16_peak_fraction"] = flops_per_image * images_per_step / step_s / (peak * 1e12)
+    print(f"fine-tune: test_accuracy={row['test_accuracy']:.4f} after {row['steps']} steps, {step_s * 1000:.0f} ms/step"
+          + (f", {100 * row['bf16_peak_fraction']:.1f} % of bf16 peak" if "bf16_peak_fraction" in row else ""), flush=True)
+    return row
+
+
 def render(report: dict[str, Any]) -> str:
     lines = [f"Measured {report['date']} on **{report['device']}** ({report['torch']}, {report['cpu_count']} CPU cores; "
              f"`{report['command']}`), {report['wall_seconds']:.0f} s all told.", ""]
@@ -172,6 +243,21 @@ def render(report: dict[str, Any]) -> str:
                 continue
             lines.append(f"| {r['objective']} | {r['num_labeled']} | {r['steps']} | {r['test_accuracy']:.4f} | "
                          f"{r['train_seconds']:.0f} | {100 * r['data_wait_share']:.1f} % | {r['mixed_precision']} |")
+    if report.get("fine_tune"):
+        r = report["fine_tune"]
+        lines += ["", "**Fine-tuning the pretrained encoder** (`recipe=image_cifar10_pretrained` with its GPU settings: "
+                  "every weight trains, all of CIFAR-10, as many steps as fit; one seed):", ""]
+        if "error" in r:
+            lines.append(f"failed: {r['error']}")
+        else:
+            fraction = f"{100 * r['bf16_peak_fraction']:.1f} %" if r.get("bf16_peak_fraction") is not None else "-"
+            lines += ["| encoder | objective | labels | steps | test accuracy | step (ms) | images/s | "
+                      "train GFLOPs per image | % of bf16 peak | data wait | precision |",
+                      "|---|---|---|---|---|---|---|---|---|---|---|",
+                      f"| {Path(r['pretrained']).name} | {r['objective']} | {r['num_labeled']} | {r['steps']} | "
+                      f"{r['test_accuracy']:.4f} | {1000 * r['step_s']:.0f} | {r['images_per_s']:,.0f} | "
+                      f"{r['train_flops_per_image'] / 1e9:.2f} | {fraction} | {100 * r['data_wait_share']:.1f} % | "
+                      f"{r['mixed_precision']} |"]
     for note in report.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
@@ -182,6 +268,10 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="small sizes and the bundled digits: a CPU smoke run")
     parser.add_argument("--cifar", help="CIFAR-10 image-folder archive (cifar10-jpg.tar.gz) for the quality check")
     parser.add_argument("--minutes", type=float, default=8.0, help="the whole run's budget (default 8)")
+    parser.add_argument("--pretrained", help="a timm model (folder or hub name): also fine-tune the pretrained "
+                        "CIFAR-10 recipe (part 4)")
+    parser.add_argument("--fine-tune-minutes", type=float, default=4.0,
+                        help="part 4's share of --minutes (default 4; the other parts share the rest)")
     parser.add_argument("--json", type=Path, help="write the figures here (rewritten after each part)")
     parser.add_argument("--render", type=Path, help="only render this JSON report as markdown")
     parser.add_argument("--write", type=Path, help="replace the gpu-check section of this markdown file")
@@ -194,6 +284,14 @@ def main() -> int:
         return 0
     if not args.tiny and not args.cifar:
         parser.error("--cifar PATH is needed for the quality check (or pass --tiny)")
+    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    if args.pretrained:  # a model that cannot be loaded stops the check here, before any part runs
+        tuned = fine_tune_overrides(args.tiny, args.cifar, args.pretrained, workers)
+        try:
+            tuned_flops = train_step_flops_per_image(tuned)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     started = time.monotonic()
     budget = args.minutes * 60
     on_cuda = DEVICE.type == "cuda"
@@ -220,10 +318,15 @@ def main() -> int:
         print(f"distance {row['distance']} n={row['n']}: {1000 * row['seconds']:.1f} ms, "
               f"{row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
     save()
-    seconds_left = budget - (time.monotonic() - started)
-    workers = max(1, min(12, (os.cpu_count() or 2) - 2))
+    fine_tune_s = 60 * args.fine_tune_minutes if args.pretrained else 0.0
+    seconds_left = budget - (time.monotonic() - started) - fine_tune_s
     report["quality"] = quality(args.tiny, args.cifar, seconds_left, dmssl_bf16["step_s"], workers)
     save()
+    if args.pretrained:
+        # 20,000 steps is more than any budget here allows: trainer.max_minutes stops the run first.
+        report["fine_tune"] = fine_tune(tuned, 10 if args.tiny else 20000, budget - (time.monotonic() - started),
+                                        tuned_flops)
+        save()
     print(render(report))
     return 0
 

@@ -108,14 +108,22 @@ def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
     import subprocess
     import sys
 
+    import timm
+    from timm.models._hub import save_for_hf
+
     from benchmarks.gpu_check import render
     from tests.conftest import ROOT
 
+    tiny_timm = tmp_path / "tiny-timm"  # a random model of the EfficientNet family, in timm's folder layout
+    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
     out = tmp_path / "gpu.json"
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
+    tuned = report["fine_tune"]
+    assert tuned["steps"] == 10 and 0 <= tuned["test_accuracy"] <= 1 and tuned["train_flops_per_image"] > 0
+    assert "**Fine-tuning the pretrained encoder**" in render(report)
     assert {(r["objective"], r["variant"]) for r in report["speed"]} >= {("fixmatch", "fp32"), ("dmssl", "bf16+cl")}
     assert all(r["step_s"] > 0 and r["images_per_s"] > 0 for r in report["speed"])
     assert {r["distance"] for r in report["distances"]} == {"cosine", "mmd", "wasserstein-sliced", "wasserstein-sinkhorn"}
@@ -126,6 +134,26 @@ def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
     subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--render", str(out), "--write", str(page)], cwd=ROOT,
                    check=True, capture_output=True, timeout=120)
     assert render(report) in page.read_text()
+
+
+def test_gpu_check__a_pretrained_model_that_cannot_load_stops_it_before_any_part(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tmp_path / "none"),
+                           "--json", str(tmp_path / "gpu.json")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "modality.pretrained=" in done.stderr and "local folder" in done.stderr
+    assert not (tmp_path / "gpu.json").exists()  # nothing was measured
+
+
+def test_gpu_check_fine_tune_settings_are_the_ones_the_recipe_names():
+    from benchmarks.gpu_check import FINE_TUNE
+    from tests.conftest import ROOT
+
+    header = (ROOT / "recipes" / "image_cifar10_pretrained.yaml").read_text()
+    assert all(setting in header for setting in FINE_TUNE), [x for x in FINE_TUNE if x not in header]
 
 
 def test_gpu_check_render__the_h200_report_names_the_card_and_peak_fraction():
