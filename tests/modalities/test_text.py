@@ -403,3 +403,18 @@ def test_feature_cache_encodes_by_length_and_writes_each_row_in_place(tiny_bert,
     in_data_order = sum(len(batch) * (2 + max(len(s.ids) for s in batch))
                         for batch in (raw.train[i: i + 8] for i in range(0, len(raw.train), 8)))
     assert sum(widths[1: 1 + len(raw.train) // 8]) < in_data_order
+
+
+def test_speed_benchmark_times_both_encoding_orders_for_token_views(tiny_bert, data_root):
+    from benchmarks.speed import encode_orders
+
+    a = adapter(tiny_bert, data_root)
+    raw = a.load()
+    timed = encode_orders(a, a.build_encoder().eval(), list(raw.train[:16]), 4, repeats=2)
+    assert timed["order_samples"] == 16 and timed["data_order_views_per_s"] > 0 and timed["length_order_views_per_s"] > 0
+
+    class Images:  # views that are not token sequences: nothing to reorder, nothing timed
+        def test_view(self, sample):
+            return torch.zeros(3)
+
+    assert encode_orders(Images(), None, [0, 1], 4, repeats=2) == {}
