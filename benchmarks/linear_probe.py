@@ -32,6 +32,7 @@ import json
 import pickle
 import statistics
 import sys
+import time
 import warnings
 from datetime import date
 from pathlib import Path
@@ -66,6 +67,7 @@ class FeatureCache:
         self.adapter, self.batch_size = adapter, batch_size
         self.encoder = adapter.build_encoder().eval()
         self.features: dict[bytes, np.ndarray] = {}
+        self.encode_seconds = 0.0  # the encoder's own time (views and collate included), for the report
 
     @torch.no_grad()
     def __call__(self, samples: list) -> np.ndarray:
@@ -73,8 +75,10 @@ class FeatureCache:
         missing = list({k: s for k, s in zip(keys, samples) if k not in self.features}.items())
         for i in range(0, len(missing), self.batch_size):
             chunk = missing[i: i + self.batch_size]
+            started = time.perf_counter()
             batch = self.adapter.collate([self.adapter.test_view(s) for _, s in chunk])
             self.features.update(zip((k for k, _ in chunk), self.encoder(batch).float().numpy()))
+            self.encode_seconds += time.perf_counter() - started
         if not samples:
             return np.zeros((0, 0), dtype=np.float32)
         return np.stack([self.features[k] for k in keys])
@@ -175,7 +179,12 @@ def render(report: dict[str, Any]) -> str:
         per_seed = ", ".join(f"{100 * t:.1f}" for t in test)
         lines.append(f"| {name} | {trained_on[name]} | {dev_text} | **{mean_std(test)}** | {len(test)} | {per_seed} |")
     chosen = ", ".join(f"seed {s['seed']}: C={s['C']:g}, threshold={s['threshold']:g}" for s in seeds)
-    lines += ["", f"Chosen on dev: {chosen}.", ""]
+    lines += ["", f"Chosen on dev: {chosen}."]
+    if report.get("encoded"):
+        lines += ["", f"Encoded {report['encoded']:,} samples in {report['encode_seconds']:.1f} s "
+                  f"({report['encoded'] / max(report['encode_seconds'], 1e-9):.1f} samples/s, "
+                  f"{report['threads']} thread(s))."]
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     encoder = getattr(cfg.modality.options, "pretrained", None) or cfg.model.encoder
     report = {"command": "python benchmarks/linear_probe.py " + " ".join(sys.argv[1:] if argv is None else argv), "date": date.today().isoformat(),
               "encoder": encoder, "seeds": seeds}
+    if isinstance(cache, FeatureCache):  # what encoding cost (the run's feature cache was paid for before)
+        report |= {"encoded": len(cache.features), "encode_seconds": round(cache.encode_seconds, 2),
+                   "threads": torch.get_num_threads()}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     publish(render(report), args.write, args.section)

@@ -1,6 +1,7 @@
 """The benchmark scripts' report plumbing (their timings are not tested: they are measurements)."""
 
 import json
+import re
 
 import pytest
 
@@ -308,6 +309,7 @@ def test_linear_probe__fits_on_the_runs_own_splits_and_encodes_each_sample_once(
     main([*overrides, "--seeds", "0", "--pool", "100", "--write", str(page), "--section", "probe-x"])
     text = page.read_text()
     assert "\nold\n" not in text and "| linear probe | 50 labels |" in text and "Chosen on dev: seed 0: C=" in text
+    assert re.search(r"Encoded [\d,]+ samples in [\d.]+ s \([\d.]+ samples/s, \d+ thread", text)
 
 
 def test_auto_versus_fp32__interleaves_whole_runs_and_names_the_cpu(monkeypatch):
