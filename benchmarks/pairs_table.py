@@ -59,6 +59,11 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
     return statistics.mean(diffs), se
 
 
+def standard_error(se: float, digits: int) -> str:
+    """A standard error in points, or "-" where one seed (one run) leaves it undefined."""
+    return "-" if se != se else f"{100 * se:.{digits}f}"
+
+
 def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], skipped: list[str],
            shifts: dict[str, float | None] | None = None) -> str:
     with_shift = bool(shifts) and any(z is not None for z in shifts.values())
@@ -78,7 +83,7 @@ def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], sk
         z = (shifts or {}).get(pair)
         shift = (f"{z:.1f} | " if z is not None else "- | ") if with_shift else ""
         lines.append(f"| {pair.replace('-', ' -> ')} | {shift}" + " | ".join(cells)
-                     + f" | {100 * diff:+.1f} ({NAMES.get(best, best)}) | {100 * se:.1f} |")
+                     + f" | {100 * diff:+.1f} ({NAMES.get(best, best)}) | {standard_error(se, 1)} |")
     average = {m: statistics.mean(v) for m, v in means.items()}
     top = max(average.values())
     lines.append("| **average** | " + ("| " if with_shift else "") + " | ".join(f"**{100 * average[m]:.1f}**" if average[m] == top
@@ -104,7 +109,7 @@ def render_paired(pairs: dict[str, dict[str, dict[int, float]]], methods: list[s
                  for s in sorted(set(results[RECIPE]) & set(results[other]))]
         se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
         ahead = sum(statistics.mean(r[RECIPE].values()) > statistics.mean(r[other].values()) for r in pairs.values())
-        lines.append(f"| {NAMES.get(other, other)} | {100 * statistics.mean(diffs):+.2f} | {100 * se:.2f} | "
+        lines.append(f"| {NAMES.get(other, other)} | {100 * statistics.mean(diffs):+.2f} | {standard_error(se, 2)} | "
                      f"{ahead} of {len(pairs)} |")
     return "\n".join(lines) + "\n"
 

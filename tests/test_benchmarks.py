@@ -450,3 +450,20 @@ def test_pairs_table__a_row_per_finished_pair_the_average_and_the_paired_differe
     assert "| pair | shift z | probe | sscl | dmssl (MMD) | dmssl - best other | paired SE |" in text
     assert "| books -> dvd | 110.0 | 71.0 | 71.0 | **75.5** | +4.5 (probe) | 1.5 |" in text
     assert "| dvd -> books | - | 75.0 | **80.0** |" in text and "| **average** | | 73.0 |" in text
+
+
+def test_pairs_table__one_seed_shows_no_standard_error(tmp_path):
+    from benchmarks.pairs_table import main
+
+    for pair, values in {"books-dvd": (0.70, 0.74), "dvd-books": (0.80, 0.78)}.items():
+        for cell, acc in zip(("sscl", "dmssl-mmd"), values):
+            folder = tmp_path / pair / "amazon_shift" / f"{cell}-s0"
+            folder.mkdir(parents=True)
+            (folder / "summary.json").write_text(json.dumps({"test_accuracy": acc}))
+    page = tmp_path / "page.md"
+    page.write_text("<!-- pairs:start -->\n<!-- pairs:end -->\n")
+    assert main([str(tmp_path), "--preset", "amazon_shift", "--write", str(page)]) == 0
+    text = page.read_text()
+    assert "nan" not in text
+    assert "| books -> dvd | 70.0 | **74.0** | +4.0 (sscl) | - |" in text
+    assert "| sscl | +1.00 | 3.00 | 1 of 2 |" in text  # diffs 4 and -2 over the 2 runs: SE 4.24 / sqrt 2
