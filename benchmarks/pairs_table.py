@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -55,13 +56,17 @@ def shift_z(folder: Path, preset: str) -> float | None:
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[float, float]:
     """(mean of a - b over the seeds both have, its standard error)."""
     diffs = [a[s] - b[s] for s in sorted(set(a) & set(b))]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return statistics.mean(diffs), se
+    return statistics.mean(diffs), standard_error_of(diffs)
+
+
+def standard_error_of(diffs: list[float]) -> float:
+    """The standard error of the mean of `diffs` (nan for a single one)."""
+    return statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
 
 
 def standard_error(se: float, digits: int) -> str:
     """A standard error in points, or "-" where one seed (one run) leaves it undefined."""
-    return "-" if se != se else f"{100 * se:.{digits}f}"
+    return "-" if math.isnan(se) else f"{100 * se:.{digits}f}"
 
 
 def render(pairs: dict[str, dict[str, dict[int, float]]], methods: list[str], skipped: list[str],
@@ -107,7 +112,7 @@ def render_paired(pairs: dict[str, dict[str, dict[int, float]]], methods: list[s
     for other in (m for m in methods if m != RECIPE):
         diffs = [results[RECIPE][s] - results[other][s] for results in pairs.values()
                  for s in sorted(set(results[RECIPE]) & set(results[other]))]
-        se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+        se = standard_error_of(diffs)
         ahead = sum(statistics.mean(r[RECIPE].values()) > statistics.mean(r[other].values()) for r in pairs.values())
         lines.append(f"| {NAMES.get(other, other)} | {100 * statistics.mean(diffs):+.2f} | {standard_error(se, 2)} | "
                      f"{ahead} of {len(pairs)} |")
