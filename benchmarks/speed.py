@@ -427,8 +427,9 @@ def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
     item = steps[0]
     torch.manual_seed(0)
     encoder = adapter.build_encoder().to(DEVICE).eval()
-    views = adapter.collate([adapter.test_view(s) for s in raw.test[: cfg.data.eval_batch_size]])
-    views = send_to_device(views, DEVICE)
+    # A transductive recipe's raw data has no test set (its test is cut from the pool): clean views of train samples.
+    clean = list((raw.test if len(raw.test) else raw.train)[: cfg.data.eval_batch_size])
+    views = send_to_device(adapter.collate([adapter.test_view(s) for s in clean]), DEVICE)
     with torch.no_grad():
         encode_s = median_time(lambda: encoder(views), repeats, warmup=1)
         features = encoder(send_to_device(item["inputs"], DEVICE)).float().cpu()
@@ -447,8 +448,8 @@ def cache_costs(recipe: list[str], repeats: int) -> dict[str, Any]:
     in_order = encode_orders(adapter, encoder, list(raw.train[: 4 * cfg.data.eval_batch_size]), cfg.data.eval_batch_size,
                              repeats)
     shown = " ".join(t for t in recipe if not t.startswith(("data.root=", "modality.pretrained=", "modality.train_files=")))
-    return {"recipe": shown, "encoder": type(encoder).__name__, "views_per_encode": len(raw.test[: cfg.data.eval_batch_size]),
-            "encode_views_per_s": len(raw.test[: cfg.data.eval_batch_size]) / encode_s,
+    return {"recipe": shown, "encoder": type(encoder).__name__, "views_per_encode": len(clean),
+            "encode_views_per_s": len(clean) / encode_s,
             "step_samples": int(features.shape[0]), "full_step_s": medians["full"], "cached_step_s": medians["cached"],
             "full_over_cached": medians["full"] / medians["cached"],
             "prefix_blocks": prefix, "of_blocks": len(units), "prefix_step_s": medians.get("prefix")} | in_order

@@ -418,3 +418,17 @@ def test_speed_benchmark_times_both_encoding_orders_for_token_views(tiny_bert, d
             return torch.zeros(3)
 
     assert encode_orders(Images(), None, [0, 1], 4, repeats=2) == {}
+
+
+def test_cache_cost_benchmark_runs_on_a_transductive_recipe(tiny_bert, tmp_path):
+    """The cross-domain recipe's raw data has no test set; speed.py (f) times the cache on its train reviews."""
+    from benchmarks.speed import cache_costs
+
+    write_jsonl(tmp_path / "all.jsonl", domain_reviews())
+    report = cache_costs(["recipe=text_amazon_shift", f"modality.pretrained={tiny_bert}",
+                          f"modality.train_files=[{tmp_path / 'all.jsonl'}]", "modality.group_column=shop",
+                          "data.labeled_groups=[north]", "data.target_groups=[south]", "data.dev_size=4",
+                          "data.batch_size=4", "data.mu=1", "data.eval_batch_size=8", "modality.max_length=16",
+                          f"data.cache_dir={tmp_path / 'cache'}", "trainer.mixed_precision=no"], repeats=1)
+    assert report["views_per_encode"] == 8 and report["encode_views_per_s"] > 0
+    assert report["order_samples"] == 32 and report["full_over_cached"] > 0
