@@ -9,7 +9,9 @@ never half of one; a killed writer's temporary file is removed by the next save.
 
 The EMA model's entries that equal the model's (a frozen encoder: every one of its weights; buffers, which
 the EMA copies) are stored once, under "model", and named in `ema["same_as_model"]`: a frozen pretrained
-encoder no longer doubles each checkpoint's size. `ema_weights(state)` puts them back.
+encoder no longer doubles each checkpoint's size. `ema_weights(state)` puts them back. A frozen *pretrained*
+encoder's weights are not stored at all: they are rebuilt from the pretrained model on load and checked against a
+digest (dmssl/frozen_weights.py).
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ from accelerate.utils import send_to_device
 from dmssl.checkpoint import ema_weights, load_latest_valid
 from dmssl.config import Config
 from dmssl.errors import CheckpointError, ConfigError
+from dmssl.frozen_weights import restore_frozen
 from dmssl.modality import Modality, build_adapter
 from dmssl.model import SSLModel
 from dmssl.trust import TrustPlugins, check_not_on_import_path
@@ -137,7 +138,7 @@ def load(path: str | Path, device: torch.device | str | None = None, batch_size:
         raise CheckpointError(f"{str(folder)!r} is not a dmssl run folder or export: no such folder")
     check_not_on_import_path(folder)
     cfg = read_run_config(folder, trust_plugins)
-    weights, step = read_weights(folder)
+    weights, step, frozen = read_weights(folder)
     adapter = build_adapter(cfg)
     description_file = folder / MODEL_FILE
     if description_file.is_file():
@@ -154,7 +155,7 @@ def load(path: str | Path, device: torch.device | str | None = None, batch_size:
     model = SSLModel(adapter.build_encoder(), len(class_names), cfg.model.proj_hidden_dim, cfg.model.proj_dim,
                      linear_head=OBJECTIVES.get(cfg.objective.name).head == "linear")
     try:
-        model.load_state_dict(weights)
+        model.load_state_dict(restore_frozen({"model": weights, "frozen": frozen}, model, f"{folder}")["model"])
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0]
         raise CheckpointError(f"the weights in {str(folder)!r} do not fit the model its config.yaml describes ({first})") from None
@@ -162,14 +163,16 @@ def load(path: str | Path, device: torch.device | str | None = None, batch_size:
     return Classifier(model, adapter, class_names, cfg, device, batch_size, source)
 
 
-def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """The EMA model's weights: an export's safetensors file, or a run folder's newest readable checkpoint."""
+def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None, dict[str, Any] | None]:
+    """The EMA model's weights, the step and what they leave out (a frozen pretrained encoder's weights, rebuilt
+    from its source: dmssl/frozen_weights.py): an export's safetensors file (every weight), or a run folder's
+    newest readable checkpoint."""
     if (folder / WEIGHTS_FILE).is_file():
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(folder / WEIGHTS_FILE), None
+            return load_file(folder / WEIGHTS_FILE), None, None
         except (SafetensorError, OSError) as err:
             raise CheckpointError(f"{folder / WEIGHTS_FILE} cannot be read ({err})") from None
     found = load_latest_valid(folder / "checkpoints", move_corrupt=False)
@@ -180,4 +183,6 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     ema = state.get("ema")
     if not isinstance(ema, dict) or "module" not in ema:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA model")
-    return ema_weights(state), int(state["step"])
+    frozen = state.get("frozen")
+    shared = set(ema.get("same_as_model") or []) - set((frozen or {}).get("names", []))
+    return ema_weights({**state, "ema": {**ema, "same_as_model": sorted(shared)}}), int(state["step"]), frozen

@@ -15,6 +15,7 @@ from torch import nn
 
 from dmssl.checkpoint import ema_weights, without_copies
 from dmssl.errors import CheckpointError
+from dmssl.frozen_weights import frozen_record, rebuildable_names, restore_frozen
 
 
 class TrainState:
@@ -27,14 +28,21 @@ class TrainState:
         self.step = 0
         self.elapsed_seconds = 0.0  # training time before the last resume (each resume adds to it)
         self.precision: dict[str, Any] | None = None  # what auto chose (dmssl.precision), kept on resume
+        self._frozen: dict[str, Any] | None = None  # digest of the frozen pretrained weights, computed once
 
     def state_dict(self, config: dict[str, Any] | None = None) -> dict[str, Any]:
         model = self.model.state_dict()
         ema = self.ema.state_dict()
         ema["module"], ema["same_as_model"] = without_copies(ema["module"], model)
+        # A frozen pretrained encoder is rebuilt from its source on load, not stored (dmssl/frozen_weights.py).
+        if self._frozen is None:
+            names = rebuildable_names(self.model)
+            self._frozen = frozen_record(self.model, names) if names else {}
+        left_out = set(self._frozen.get("names", []))
         return {
             "step": self.step,
-            "model": model,
+            "model": {name: value for name, value in model.items() if name not in left_out},
+            "frozen": self._frozen or None,
             "ema": ema,
             "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(),
@@ -48,6 +56,7 @@ class TrainState:
     def load_state_dict(self, state: dict[str, Any], source: str = "checkpoint") -> None:
         if state["labeled_indices"] != self.labeled_indices:
             raise CheckpointError(f"{source}: its labeled split differs from this config's")
+        state = restore_frozen(state, self.model, source)
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict({**state["ema"], "module": ema_weights(state)})

@@ -547,6 +547,7 @@ class WhisperAudioEncoder(nn.Module):
         except (OSError, ValueError) as err:
             raise DataError(f"modality.pretrained={name!r} cannot be loaded as a Whisper model ({err})") from None
         self.sample_rate = sample_rate
+        self.weights_from = name  # frozen weights are rebuilt from here, not stored (dmssl/frozen_weights.py)
         self.feature_dim = int(self.net.config.d_model)
         self.register_buffer("mel_filters", torch.tensor(extractor.mel_filters, dtype=torch.float32).T.contiguous(),
                              persistent=False)  # (80, 201); from the model's own feature-extractor config
@@ -636,6 +637,7 @@ class WaveformSpeechEncoder(nn.Module):
                             f"extractor ({err})") from None
         self.net.config.apply_spec_augment = False
         self.sample_rate = sample_rate
+        self.weights_from = name  # frozen weights are rebuilt from here, not stored (dmssl/frozen_weights.py)
         self.model_rate = int(self.extractor.sampling_rate)
         self.normalize = bool(getattr(self.extractor, "do_normalize", True))
         self.feature_dim = int(self.net.config.hidden_size)

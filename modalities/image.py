@@ -443,6 +443,7 @@ class TimmEncoder(ImageEncoder):
         import timm
 
         self.net = create_timm_model(name)
+        self.weights_from = name  # frozen weights are rebuilt from here, not stored (dmssl/frozen_weights.py)
         data_config = timm.data.resolve_data_config({}, model=self.net)
         self.size = int(size or data_config["input_size"][-1])
         self.interpolation = "bicubic" if data_config.get("interpolation") == "bicubic" else "bilinear"

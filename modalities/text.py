@@ -409,6 +409,7 @@ class TransformerEncoder(nn.Module):
         from transformers import AutoModel
 
         self.net = load_pretrained(AutoModel, resolve_model_path(name))
+        self.weights_from = name  # frozen weights are rebuilt from here, not stored (dmssl/frozen_weights.py)
         self.pooling = pooling
         self.max_length = max_length
         self.feature_dim = int(self.net.config.hidden_size)

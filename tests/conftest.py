@@ -17,3 +17,15 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_timm(tmp_path_factory):
+    """A tiny random model of timm's EfficientNet family, saved in timm's hub folder layout."""
+    import timm
+    from timm.models._hub import save_for_hf
+
+    folder = tmp_path_factory.mktemp("tiny-timm")
+    torch.manual_seed(0)
+    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(folder), safe_serialization=True)
+    return folder

@@ -77,9 +77,9 @@ def test_whisper_runs_in_two_parts_after_every_layer_but_the_last(tiny_whisper):
 
 
 def test_a_frozen_whisper_prefix_is_cached_and_only_the_top_layer_trains(tiny_whisper, tmp_path, monkeypatch, capsys):
-    from dmssl.checkpoint import list_checkpoints, load_checkpoint
     from dmssl.trainer import fit
     from tests.modalities.test_audio import make_folder
+    from tests.tiny_models import stored_and_rebuilt
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     root = make_folder(tmp_path / "clips")
@@ -94,10 +94,11 @@ def test_a_frozen_whisper_prefix_is_cached_and_only_the_top_layer_trains(tiny_wh
     train = np.load(folder / "train.npy", mmap_mode="r")
     assert train.ndim == 4 and train.shape[1:] == (3, 50, 17)  # (N, clean + weak + strong, positions, 16 + mask)
     pretrained = WhisperAudioEncoder(str(tiny_whisper), 16000).state_dict()
-    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+    trained, rebuilt = stored_and_rebuilt(tmp_path / "run", pretrained)
     frozen = [k for k in pretrained if k.startswith(("net.conv1", "net.layers.0."))]
     top = [k for k in pretrained if k.startswith("net.layers.1.")]
     assert frozen and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in frozen)
+    assert rebuilt and all(k.startswith("encoder.") for k in rebuilt)  # left out of the checkpoint
     assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
 
 

@@ -18,17 +18,6 @@ Q = ["recipe=quickstart", "trainer.progress_bar=false", "data.num_workers=0", "t
      "data.batch_size=8", "data.mu=2", "trainer.mixed_precision=no", "trainer.max_steps=4", "model.encoder=pretrained"]
 
 
-@pytest.fixture(scope="module")
-def tiny_timm(tmp_path_factory):
-    import timm
-    from timm.models._hub import save_for_hf
-
-    folder = tmp_path_factory.mktemp("tiny-timm")
-    torch.manual_seed(0)
-    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(folder), safe_serialization=True)
-    return folder
-
-
 def test_timm_encoder_resizes_normalises_and_freezes_by_timms_groups(tiny_timm):
     encoder = TimmEncoder(str(tiny_timm), in_channels=1, size=32).eval()
     images = torch.randint(0, 256, (3, 1, 8, 8), dtype=torch.uint8)
@@ -78,7 +67,7 @@ def test_timm_encoder_runs_in_two_parts_at_every_stage(tiny_timm):
 
 
 def test_a_frozen_prefix_is_cached_and_only_the_top_trains(tiny_timm, tmp_path, capsys):
-    from dmssl.checkpoint import list_checkpoints, load_checkpoint
+    from tests.tiny_models import stored_and_rebuilt
 
     cache = tmp_path / "cache"
     base = [*Q, f"modality.pretrained={tiny_timm}", "modality.pretrained_size=32", "model.cached_views=1",
@@ -91,10 +80,11 @@ def test_a_frozen_prefix_is_cached_and_only_the_top_trains(tiny_timm, tmp_path, 
     assert train.ndim == 5 and train.shape[1] == 3  # (N, clean + 1 weak + 1 strong, C, H, W) feature maps
     # the prefix (stem and first stage) is as pretrained; the stages above it trained on the cached maps
     pretrained = TimmEncoder(str(tiny_timm), in_channels=1, size=32).state_dict()
-    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+    trained, rebuilt = stored_and_rebuilt(tmp_path / "run", pretrained)
     stem = [k for k in pretrained if k.startswith("net.conv_stem") or k.startswith("net.blocks.0.")]
     top = [k for k in pretrained if k.startswith("net.conv_head")]
     assert stem and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in stem)
+    assert rebuilt and all(k.startswith("encoder.") for k in rebuilt)  # left out of the checkpoint
     assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
     # the trained model reads raw images, and agrees with what the run measured on its cached test maps
     from modalities.image import load_digits

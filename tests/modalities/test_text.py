@@ -354,10 +354,10 @@ def test_transformer_runs_in_two_parts_after_every_layer_but_the_last(tiny_bert,
 
 
 def test_a_frozen_transformer_prefix_is_cached_and_only_the_top_layer_trains(tiny_bert, data_root, tmp_path, capsys):
-    from dmssl.checkpoint import list_checkpoints, load_checkpoint
     from dmssl.recipe import resolve
     from dmssl.trainer import fit
     from modalities.text import TransformerEncoder
+    from tests.tiny_models import stored_and_rebuilt
 
     summary = fit(resolve(["recipe=text_sentiment", f"data.root={data_root}", f"modality.pretrained={tiny_bert}",
                            f"data.cache_dir={tmp_path / 'cache'}", "data.labels_per_class=4", "data.batch_size=4",
@@ -370,10 +370,11 @@ def test_a_frozen_transformer_prefix_is_cached_and_only_the_top_layer_trains(tin
     train = np.load(folder / "train.npy", mmap_mode="r")
     assert train.shape[1:] == (3, 16, 17)  # (N, clean + weak + strong, max_length, 16 + mask)
     pretrained = TransformerEncoder(str(tiny_bert)).state_dict()
-    trained = load_checkpoint(list_checkpoints(tmp_path / "run" / "checkpoints")[-1])["model"]
+    trained, rebuilt = stored_and_rebuilt(tmp_path / "run", pretrained)
     frozen = [k for k in pretrained if k.startswith(("net.embeddings", "net.encoder.layer.0."))]
     top = [k for k in pretrained if k.startswith("net.encoder.layer.1.")]
     assert frozen and all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in frozen)
+    assert rebuilt and all(k.startswith("encoder.") for k in rebuilt)  # left out of the checkpoint
     assert top and not all(torch.equal(trained[f"encoder.{k}"], pretrained[k]) for k in top)
 
 
