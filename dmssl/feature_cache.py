@@ -19,7 +19,8 @@ instead of encoded again: with the text recipes' settings that is 2 of every 5 v
 Views come from one seeded stream (`VIEW_STREAM_SEED`, sample i and view v seed their own draw), so the
 same key always means the same bytes, and runs of every seed share one cache: a run's seed decides which
 cached view each step draws. Files are memory-mapped, never loaded whole. The key covers the data's
-content (a digest of every sample), the encoder's weights, the adapter's options (the views), K, the
+content (a digest of every sample), the encoder's weights, the adapter's options (the views; a path among them
+as its real absolute path, so one file spelled two ways is one cache), K, the
 stream seed and the number format the encoder ran in (fp32, or bf16 where `trainer.mixed_precision=auto`
 measured it faster, or `=bf16`; an existing cache of either format is used before anything is measured); a cache built for anything else is rebuilt, never reused, and so is one that is incomplete or
 does not match its header (with a warning that names it). One process builds while others wait on a lock.
@@ -32,6 +33,7 @@ weights, so `dmssl.load`, `predict` and `export` read raw samples as with any ru
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -56,7 +58,7 @@ from dmssl.modality import Modality, RawData
 from dmssl.model import CachedInputs
 
 VIEW_STREAM_SEED = 0
-FORMAT = 1
+FORMAT = 2  # 2: options' paths written as real absolute paths (options_identity)
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,24 @@ def weights_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def options_identity(options: Any) -> str:
+    """The adapter's options as the key records them (they decide the views). An option naming a file or folder
+    that exists is written as its real absolute path: one file spelled two ways ('../data/x.jsonl',
+    '/home/me/data/x.jsonl', a link to it) is one cache, not two encoding passes."""
+    if not dataclasses.is_dataclass(options):
+        return repr(options)
+
+    def located(value: Any) -> Any:
+        if isinstance(value, str) and value and os.path.exists(value):
+            return os.path.realpath(value)
+        if isinstance(value, (list, tuple)):
+            return [located(v) for v in value]
+        return value
+
+    return repr({"class": type(options).__qualname__,
+                 **{f.name: located(getattr(options, f.name)) for f in dataclasses.fields(options)}})
+
+
 COMPUTED_IN = {"no": "float32", "bf16": "bfloat16"}  # the encoder's number format while caching
 
 
@@ -96,7 +116,7 @@ def cache_key(adapter: Modality, raw: RawData, encoder: nn.Module, views: int, c
               prefix_blocks: int = 0) -> dict[str, Any]:
     """What the cached bytes depend on; any change gives another cache."""
     key = {"format": FORMAT, "adapter": f"{type(adapter).__module__}.{type(adapter).__qualname__}",
-           "options": repr(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
+           "options": options_identity(adapter.options), "train": content_digest(list(raw.train) + list(raw.unlabeled)),
            "test": content_digest(raw.test), "encoder": type(encoder).__qualname__, "weights": weights_digest(encoder),
            "views": views, "stream_seed": VIEW_STREAM_SEED, "dtype": "float16", "computed_in": computed_in}
     if prefix_blocks:  # absent for a whole encoder's outputs, so that the caches built before keep their key

@@ -192,6 +192,24 @@ def test_cache_key_changes_with_the_data_the_weights_and_the_views(tmp_path):
         FeatureCache(cache.folder, cache_key(adapter, raw, encoder, 2))
 
 
+def test_one_file_spelled_two_ways_is_one_cache_key(tmp_path, monkeypatch):
+    from dmssl.feature_cache import options_identity
+    from modalities.text import TextOptions
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl").write_text("{}\n")
+    (tmp_path / "data" / "b.jsonl").write_text("{}\n")
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    absolute = options_identity(TextOptions(train_files=[str(tmp_path / "data" / "a.jsonl")], pretrained="org/model"))
+    assert options_identity(TextOptions(train_files=["../data/a.jsonl"], pretrained="org/model")) == absolute
+    assert options_identity(TextOptions(train_files=["../link/a.jsonl"], pretrained="org/model")) == absolute
+    assert options_identity(TextOptions(train_files=["../data/b.jsonl"], pretrained="org/model")) != absolute
+    assert "'org/model'" in absolute  # a hub name is no path here: kept as written
+    assert options_identity(TextOptions(train_files=["../data/a.jsonl"], pretrained="org/model", max_length=64)) != absolute
+
+
 def test_a_cached_run_trains_shares_its_cache_across_objectives_and_resumes_bit_identically(tmp_path, capsys):
     # (Across seeds too, for a pretrained encoder; the quickstart's CNN is initialised from the seed.)
     cache_dir = tmp_path / "cache"
