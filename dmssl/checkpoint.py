@@ -68,9 +68,12 @@ def without_copies(entries: dict[str, Any], reference: dict[str, Any]) -> tuple[
 
 
 def ema_weights(state: dict[str, Any]) -> dict[str, Any]:
-    """The EMA model's whole state dict from a checkpoint: its own entries and those it shares with the model."""
+    """The EMA model's whole state dict from a checkpoint: its own entries and those it shares with the model.
+    Shared entries of a frozen pretrained encoder that `restore_frozen` has not put back yet are left to it
+    (dmssl/frozen_weights.py)."""
     ema = state["ema"]
-    shared = ema.get("same_as_model") or []
+    rebuilt = set((state.get("frozen") or {}).get("names", []))
+    shared = [name for name in ema.get("same_as_model") or [] if name in state["model"] or name not in rebuilt]
     missing = [name for name in shared if name not in state["model"]]
     if missing:
         raise CheckpointError(f"the checkpoint's EMA refers to model entries it does not hold: {missing[:3]}")

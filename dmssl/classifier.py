@@ -183,6 +183,4 @@ def read_weights(folder: Path) -> tuple[dict[str, torch.Tensor], int | None, dic
     ema = state.get("ema")
     if not isinstance(ema, dict) or "module" not in ema:
         raise CheckpointError(f"checkpoint {str(path)!r} holds no EMA model")
-    frozen = state.get("frozen")
-    shared = set(ema.get("same_as_model") or []) - set((frozen or {}).get("names", []))
-    return ema_weights({**state, "ema": {**ema, "same_as_model": sorted(shared)}}), int(state["step"]), frozen
+    return ema_weights(state), int(state["step"]), state.get("frozen")
