@@ -57,6 +57,8 @@ class TrainState:
         if state["labeled_indices"] != self.labeled_indices:
             raise CheckpointError(f"{source}: its labeled split differs from this config's")
         state = restore_frozen(state, self.model, source)
+        if state.get("frozen"):  # checked against the weights just built: the next save need not hash them again
+            self._frozen = {**state["frozen"], "weights_from": str(self.model.encoder.weights_from)}
         try:
             self.model.load_state_dict(state["model"])
             self.ema.load_state_dict({**state["ema"], "module": ema_weights(state)})

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import dmssl
 from dmssl.checkpoint import list_checkpoints, load_checkpoint
 from dmssl.errors import CheckpointError
-from dmssl.frozen_weights import rebuildable_names, restore_frozen
+from dmssl.frozen_weights import rebuildable_names, restore_frozen, tensors_digest
 from dmssl.recipe import resolve
 from dmssl.trainer import fit
 from modalities.image import SmallCNN, TimmEncoder, load_digits
@@ -38,7 +38,8 @@ def test_only_a_pretrained_encoders_frozen_parameters_are_left_out(tiny_timm):
     assert restore_frozen({"model": {"a": 1}}, tiny_model()) == {"model": {"a": 1}}  # a full checkpoint, as is
 
 
-def test_a_frozen_pretrained_run_stores_no_encoder_weight_and_resumes_loads_and_exports(tiny_timm, tmp_path):
+def test_a_frozen_pretrained_run_stores_no_encoder_weight_and_resumes_loads_and_exports(tiny_timm, tmp_path,
+                                                                                        monkeypatch):
     run = [*Q, f"modality.pretrained={tiny_timm}", f"data.cache_dir={tmp_path / 'cache'}"]
     fit(resolve([*run, f"output_dir={tmp_path / 'a'}"]))
     state = load_checkpoint(list_checkpoints(tmp_path / "a" / "checkpoints")[-1])
@@ -51,7 +52,11 @@ def test_a_frozen_pretrained_run_stores_no_encoder_weight_and_resumes_loads_and_
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     for path in list_checkpoints(tmp_path / "b" / "checkpoints")[1:]:
         path.unlink()
+    hashed = []
+    monkeypatch.setattr("dmssl.frozen_weights.tensors_digest",
+                        lambda entries, names, real=tensors_digest: hashed.append(names) or real(entries, names))
     fit(resolve([*run, f"output_dir={tmp_path / 'b'}", "resume=auto"]))
+    assert len(hashed) == 1  # the resume checks the rebuilt weights once; its saves reuse that digest
     b = load_checkpoint(list_checkpoints(tmp_path / "b" / "checkpoints")[-1])
     assert b["step"] == 4 and set(b["model"]) == set(state["model"])
     assert all(torch.equal(state["model"][k], b["model"][k]) for k in state["model"])
