@@ -8,6 +8,8 @@
     # an ablation: some cells, extra overrides, its own runs folder
     python benchmarks/quality.py fsdd --data PATH --steps 500 --cells dmssl:mmd \
         --extra objective.dm_warmup_steps=250 --runs runs/quality-warmup
+    # an option of one objective only (sscl has no lambda_dm): --cell-extra
+    python benchmarks/quality.py digits --cells sscl dmssl:mmd --cell-extra dmssl:mmd objective.lambda_dm=3
 
 Every cell is a `train.py` run (a subprocess) under the same budget; a finished run whose config.yaml
 equals the cell's resolved config is reused (its summary.json), so an interrupted grid continues where it
@@ -83,7 +85,8 @@ def finished_with_same_config(run_dir: Path, overrides: list[str]) -> bool:
     return set(saved) <= set(wanted) and all(saved.get(k, defaults.get(k, missing)) == v for k, v in wanted.items())
 
 
-def run_cell(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> dict[str, Any]:
+def cell_command(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> tuple[list[str], Path]:
+    """The `train.py` command line of one cell and seed, and its run folder."""
     name = f"{objective}-{distance}-s{seed}" if distance else f"{objective}-s{seed}"
     out = args.runs / args.modality / name
     command = [sys.executable, str(ROOT / "train.py"), *PRESETS[args.modality], f"objective.name={objective}",
@@ -99,7 +102,12 @@ def run_cell(args: argparse.Namespace, objective: str, distance: str | None, see
             command.append("trainer.max_minutes=null")  # a pure step budget: the same result on any machine
     if args.minutes:
         command += [f"trainer.max_minutes={args.minutes}"] + ([] if args.steps else ["trainer.max_steps=100000000"])
-    command += args.extra
+    command += args.extra + getattr(args, "cell_extra", {}).get((objective, distance), [])
+    return command, out
+
+
+def run_cell(args: argparse.Namespace, objective: str, distance: str | None, seed: int) -> dict[str, Any]:
+    command, out = cell_command(args, objective, distance, seed)
     if finished_with_same_config(out, command[2:]):
         return json.loads((out / "summary.json").read_text())
     print("+", " ".join(command[1:]), flush=True)
@@ -158,6 +166,25 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def cell_extras(parser: argparse.ArgumentParser, given: list[list[str]],
+                cells: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], list[str]]:
+    """--cell-extra groups as {cell: overrides}; a cell outside the grid or an override without '=' is an error."""
+    extras: dict[tuple[str, str | None], list[str]] = {}
+    for cell_text, *overrides in given:
+        try:
+            cell = parse_cell(cell_text)
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"--cell-extra: {error}")
+        if cell not in cells:
+            parser.error(f"--cell-extra {cell_text}: not a cell of this grid; its cells: "
+                         + ", ".join(f"{o}:{d}" if d else o for o, d in cells))
+        bad = [o for o in overrides if "=" not in o]
+        if not overrides or bad:
+            parser.error(f"--cell-extra {cell_text}: expected KEY=VALUE overrides after the cell, got {bad or 'none'}")
+        extras.setdefault(cell, []).extend(overrides)
+    return extras
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("modality", choices=sorted(PRESETS))
@@ -170,12 +197,16 @@ def main() -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value overrides for every run "
                         "(a cell whose finished run has another config reruns in place: give each set of extras its own "
                         "--runs folder to keep both)")
+    parser.add_argument("--cell-extra", nargs="+", action="append", default=[], metavar="CELL KEY=VALUE",
+                        help="overrides for one cell only, after --extra; repeatable, e.g. --cell-extra dmssl:mmd "
+                        "objective.lambda_dm=3 (an option only one objective has, such as lambda_dm, goes here)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")
     args = parser.parse_args()
     if args.jobs < 1:
         parser.error(f"--jobs={args.jobs}; allowed: 1 or more")
+    args.cell_extra = cell_extras(parser, args.cell_extra, args.cells)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {(o, d, seed): pool.submit(run_cell, args, o, d, seed) for o, d in args.cells for seed in args.seeds}
         finished = {cell: future.result() for cell, future in futures.items()}

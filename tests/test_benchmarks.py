@@ -467,3 +467,30 @@ def test_pairs_table__one_seed_shows_no_standard_error(tmp_path):
     assert "nan" not in text
     assert "| books -> dvd | 70.0 | **74.0** | +4.0 (sscl) | - |" in text
     assert "| sscl | +1.00 | 3.00 | 1 of 2 |" in text  # diffs 4 and -2 over the 2 runs: SE 4.24 / sqrt 2
+
+
+def test_quality_cell_extra__reaches_only_its_cell_and_bad_groups_are_named(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    import benchmarks.quality as quality
+
+    commands = {}
+
+    def fake_cell(args, objective, distance, seed):
+        commands[(objective, distance)] = quality.cell_command(args, objective, distance, seed)[0]
+        return {"test_accuracy": 0.5, "steps": 3}
+
+    monkeypatch.setattr(quality, "run_cell", fake_cell)
+    base = ["quality.py", "digits", "--cells", "sscl", "dmssl:mmd", "--seeds", "0", "--runs", str(tmp_path),
+            "--extra", "trainer.lr=0.01"]
+    monkeypatch.setattr("sys.argv", base + ["--cell-extra", "dmssl:mmd", "objective.lambda_dm=3"])
+    assert quality.main() == 0
+    assert commands[("dmssl", "mmd")][-2:] == ["trainer.lr=0.01", "objective.lambda_dm=3"]
+    assert commands[("sscl", None)][-1] == "trainer.lr=0.01" and "objective.lambda_dm=3" not in commands[("sscl", None)]
+    for bad, says in ((["--cell-extra", "fixmatch", "trainer.lr=1"], "not a cell of this grid; its cells: sscl, dmssl:mmd"),
+                      (["--cell-extra", "dmssl:l2", "trainer.lr=1"], "unknown cell 'dmssl:l2'"),
+                      (["--cell-extra", "sscl", "lambda"], "expected KEY=VALUE overrides after the cell, got ['lambda']")):
+        monkeypatch.setattr("sys.argv", base + bad)
+        with pytest.raises(SystemExit) as exit_info:
+            quality.main()
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
