@@ -62,12 +62,18 @@ CELLS = [("supervised", None), ("fixmatch", None), ("sscl", None), ("dmssl", "co
 EXTRA_CELLS = [("fixmatch_proto", None), ("dmssl", "coral"), ("dmssl", "adversarial"), ("dmssl", "cdan")]
 
 
+def cell_text(cell: tuple[str, str | None]) -> str:
+    """('dmssl', 'mmd') -> 'dmssl:mmd'; ('sscl', None) -> 'sscl': how --cells names a cell."""
+    objective, distance = cell
+    return f"{objective}:{distance}" if distance else objective
+
+
 def parse_cell(text: str) -> tuple[str, str | None]:
     """'sscl' -> ('sscl', None); 'dmssl:mmd' -> ('dmssl', 'mmd'); only cells of the full grid."""
     objective, _, distance = text.partition(":")
     cell = (objective, distance or None)
     if cell not in CELLS + EXTRA_CELLS:
-        allowed = ", ".join(f"{o}:{d}" if d else o for o, d in CELLS + EXTRA_CELLS)
+        allowed = ", ".join(map(cell_text, CELLS + EXTRA_CELLS))
         raise argparse.ArgumentTypeError(f"unknown cell {text!r}; allowed: {allowed}")
     return cell
 
@@ -102,7 +108,7 @@ def cell_command(args: argparse.Namespace, objective: str, distance: str | None,
             command.append("trainer.max_minutes=null")  # a pure step budget: the same result on any machine
     if args.minutes:
         command += [f"trainer.max_minutes={args.minutes}"] + ([] if args.steps else ["trainer.max_steps=100000000"])
-    command += args.extra + getattr(args, "cell_extra", {}).get((objective, distance), [])
+    command += args.extra + args.cell_extra.get((objective, distance), [])
     return command, out
 
 
@@ -170,17 +176,16 @@ def cell_extras(parser: argparse.ArgumentParser, given: list[list[str]],
                 cells: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], list[str]]:
     """--cell-extra groups as {cell: overrides}; a cell outside the grid or an override without '=' is an error."""
     extras: dict[tuple[str, str | None], list[str]] = {}
-    for cell_text, *overrides in given:
+    for text, *overrides in given:
         try:
-            cell = parse_cell(cell_text)
+            cell = parse_cell(text)
         except argparse.ArgumentTypeError as error:
             parser.error(f"--cell-extra: {error}")
         if cell not in cells:
-            parser.error(f"--cell-extra {cell_text}: not a cell of this grid; its cells: "
-                         + ", ".join(f"{o}:{d}" if d else o for o, d in cells))
+            parser.error(f"--cell-extra {text}: not a cell of this grid; its cells: " + ", ".join(map(cell_text, cells)))
         bad = [o for o in overrides if "=" not in o]
         if not overrides or bad:
-            parser.error(f"--cell-extra {cell_text}: expected KEY=VALUE overrides after the cell, got {bad or 'none'}")
+            parser.error(f"--cell-extra {text}: expected KEY=VALUE overrides after the cell, got {bad or 'none'}")
         extras.setdefault(cell, []).extend(overrides)
     return extras
 
