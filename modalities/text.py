@@ -49,6 +49,10 @@ class TextOptions:
     """`modality:` keys of the text adapter."""
 
     max_length: int = 128  # tokens per sample, special tokens included (USB uses 512 on GPUs)
+    # what a text longer than max_length keeps: its first tokens ("head"), or its first and last ("head_tail",
+    # head_fraction of the budget from the start, the rest from the end: a review's verdict is often its last words)
+    truncation: Literal["head", "head_tail"] = "head"
+    head_fraction: float = 0.25
     pretrained: str | None = None  # a hub name or a local folder; null: all-MiniLM-L6-v2 (installed from PyPI)
     pooling: Literal["mean", "cls"] = "mean"  # how token features become one vector
     freeze_layers: int = 0  # freeze the embeddings and this many lower Transformer layers
@@ -75,6 +79,10 @@ class TextOptions:
             raise ConfigError(f"modality.max_length={self.max_length} must be >= 8")
         if self.freeze_layers < 0:
             raise ConfigError(f"modality.freeze_layers={self.freeze_layers} must be >= 0")
+        if self.truncation not in ("head", "head_tail"):
+            raise ConfigError(f"modality.truncation={self.truncation!r}: expected head or head_tail")
+        if not 0.0 <= self.head_fraction <= 1.0:
+            raise ConfigError(f"modality.head_fraction={self.head_fraction} must be in [0, 1]")
         if self.test_files and not self.train_files:
             raise ConfigError("modality.test_files needs modality.train_files; modality.unlabeled_files is optional")
         if bool(self.test_column) != bool(self.test_values):
@@ -138,12 +146,16 @@ class TextModality(Modality):
         return self._tokenizer
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids without special tokens, truncated to leave room for them."""
+        """Token ids without special tokens, truncated (`truncation`) to leave room for them."""
         if not texts:
             return []
         budget = self.options.max_length - 2
-        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
-        return [list(x) for x in ids]
+        if self.options.truncation == "head":
+            ids = self.tokenizer(texts, add_special_tokens=False, truncation=True, max_length=budget)["input_ids"]
+            return [list(x) for x in ids]
+        # Tokenised whole, then cut: the tokenizer's own truncation keeps one end only.
+        ids = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+        return [head_and_tail(list(x), budget, self.options.head_fraction) for x in ids]
 
     def __getstate__(self) -> dict[str, Any]:
         # Workers need the special-token ids, not the tokenizer object.
@@ -197,6 +209,7 @@ class TextModality(Modality):
                           resolve_model_path(self.options.pretrained or DEFAULT_MODEL), opts.max_length, opts.text_column,
                           opts.label_column, opts.paraphrase_column, opts.class_names,
                           *([opts.group_column] if opts.group_column else []),
+                          *([opts.truncation, opts.head_fraction] if opts.truncation != "head" else []),
                           *([opts.test_column, [str(v) for v in opts.test_values]] if opts.test_column else []))
 
     def read_rows(self) -> dict[str, list[dict[str, Any]]]:
@@ -384,6 +397,15 @@ class TextModality(Modality):
                               f"{', '.join(self.encoders)} (the same Transformer from modality.pretrained)")
         return TransformerEncoder(self.options.pretrained or DEFAULT_MODEL, self.options.pooling, self.options.freeze_layers,
                                   self.options.max_length)
+
+
+def head_and_tail(ids: list[int], budget: int, head_fraction: float) -> list[int]:
+    """The first round(head_fraction * budget) tokens and the last of the rest of `budget`; shorter ids as they are
+    (Sun et al., 2019, "How to fine-tune BERT for text classification?": head and tail beat either end on IMDB)."""
+    if len(ids) <= budget:
+        return ids
+    head = round(head_fraction * budget)
+    return ids[:head] + ids[len(ids) - (budget - head):]
 
 
 def drop_tokens(ids: list[int], prob: float) -> list[int]:

@@ -14,7 +14,7 @@ import torch
 from dmssl.config import DataConfig, ModelConfig
 from dmssl.data import seeded_rng
 from dmssl.errors import ConfigError, DataError
-from modalities.text import TextModality, TextOptions, TextSample, read_table, resolve_model_path
+from modalities.text import TextModality, TextOptions, TextSample, head_and_tail, read_table, resolve_model_path
 
 FILLER = [f"w{i}" for i in range(100)]
 WORDS = ["good", "great", "fine", "bad", "awful", "poor", "movie", "plot", "the", "a", "was", "very", *FILLER]
@@ -137,6 +137,34 @@ def test_encoder__pooling_width_and_freezing(tiny_bert, data_root):
     frozen = a.build_encoder()
     assert not any(p.requires_grad for p in frozen.net.encoder.layer[0].parameters())
     assert all(p.requires_grad for p in frozen.net.encoder.layer[1].parameters())
+
+
+def test_head_and_tail_keeps_both_ends_of_a_long_text_only():
+    assert head_and_tail(list(range(20)), 8, 0.25) == [0, 1, 14, 15, 16, 17, 18, 19]
+    assert head_and_tail(list(range(20)), 8, 0.0) == list(range(12, 20))
+    assert head_and_tail(list(range(20)), 8, 1.0) == list(range(8))
+    assert head_and_tail([3, 4], 8, 0.25) == [3, 4]
+
+
+def test_truncation__head_tail_tokens_and_its_own_token_cache(tiny_bert, data_root):
+    # 16 tokens of budget less 2 special ones: 14, of which round(0.25 * 14) = 4 from the start
+    text = " ".join(FILLER[:40])
+    head = adapter(tiny_bert, data_root)
+    both = adapter(tiny_bert, data_root, truncation="head_tail")
+    full = head.tokenizer([text], add_special_tokens=False)["input_ids"][0]
+    assert head.encode([text])[0] == full[:14]
+    assert both.encode([text])[0] == full[:4] + full[-10:]
+    assert both.samples_from([text])[0].ids == full[:4] + full[-10:]  # predict cuts new texts the same way
+    assert head.cache_path() != both.cache_path()
+    with pytest.warns(UserWarning):
+        head.load()
+    with pytest.warns(UserWarning):  # a fresh tokenisation, not the head-truncated cache
+        raw = both.load()
+    assert max(len(s.ids) for s in raw.train) <= 14
+    with pytest.raises(ConfigError, match="modality.truncation='middle': expected head or head_tail"):
+        TextOptions(truncation="middle").validate()
+    with pytest.raises(ConfigError, match="modality.head_fraction=1.5 must be in"):
+        TextOptions(truncation="head_tail", head_fraction=1.5).validate()
 
 
 def test_missing_model_is_a_clear_error(tmp_path, data_root, monkeypatch):
