@@ -10,6 +10,8 @@
         --extra objective.dm_warmup_steps=250 --runs runs/quality-warmup
     # an option of one objective only (sscl has no lambda_dm): --cell-extra
     python benchmarks/quality.py digits --cells sscl dmssl:mmd --cell-extra dmssl:mmd objective.lambda_dm=3
+    # every cell of one objective, whatever its distance (a grid with none of them: nothing to add)
+    python benchmarks/quality.py digits --cells sscl dmssl:mmd dmssl:coral --cell-extra 'dmssl:*' objective.lambda_dm=1
 
 Every cell is a `train.py` run (a subprocess) under the same budget; a finished run whose config.yaml
 equals the cell's resolved config is reused (its summary.json), so an interrupted grid continues where it
@@ -174,19 +176,31 @@ def render(report: dict[str, Any]) -> str:
 
 def cell_extras(parser: argparse.ArgumentParser, given: list[list[str]],
                 cells: list[tuple[str, str | None]]) -> dict[tuple[str, str | None], list[str]]:
-    """--cell-extra groups as {cell: overrides}; a cell outside the grid or an override without '=' is an error."""
+    """--cell-extra groups as {cell: overrides}; a cell outside the grid or an override without '=' is an error.
+
+    `OBJECTIVE:*` names every cell of that objective in the grid, and none where the grid has none of them: a
+    script that passes one set of extras to grids of different cells (benchmarks/digits_shift.sh) needs that.
+    """
     extras: dict[tuple[str, str | None], list[str]] = {}
+    objectives = sorted({objective for objective, _ in CELLS + EXTRA_CELLS})
     for text, *overrides in given:
-        try:
-            cell = parse_cell(text)
-        except argparse.ArgumentTypeError as error:
-            parser.error(f"--cell-extra: {error}")
-        if cell not in cells:
-            parser.error(f"--cell-extra {text}: not a cell of this grid; its cells: " + ", ".join(map(cell_text, cells)))
         bad = [o for o in overrides if "=" not in o]
         if not overrides or bad:
             parser.error(f"--cell-extra {text}: expected KEY=VALUE overrides after the cell, got {bad or 'none'}")
-        extras.setdefault(cell, []).extend(overrides)
+        if text.endswith(":*"):
+            if text[:-2] not in objectives:
+                parser.error(f"--cell-extra {text}: unknown objective {text[:-2]!r}; allowed: {', '.join(objectives)}")
+            chosen = [cell for cell in cells if cell[0] == text[:-2]]
+        else:
+            try:
+                cell = parse_cell(text)
+            except argparse.ArgumentTypeError as error:
+                parser.error(f"--cell-extra: {error}")
+            if cell not in cells:
+                parser.error(f"--cell-extra {text}: not a cell of this grid; its cells: " + ", ".join(map(cell_text, cells)))
+            chosen = [cell]
+        for cell in chosen:
+            extras.setdefault(cell, []).extend(overrides)
     return extras
 
 
@@ -204,7 +218,8 @@ def main() -> int:
                         "--runs folder to keep both)")
     parser.add_argument("--cell-extra", nargs="+", action="append", default=[], metavar="CELL KEY=VALUE",
                         help="overrides for one cell only, after --extra; repeatable, e.g. --cell-extra dmssl:mmd "
-                        "objective.lambda_dm=3 (an option only one objective has, such as lambda_dm, goes here)")
+                        "objective.lambda_dm=3 (an option only one objective has, such as lambda_dm, goes here); "
+                        "'dmssl:*' names every dmssl cell of the grid")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "quality")
     parser.add_argument("--jobs", type=int, default=1, help="cells run at a time (default 1)")
     parser.add_argument("--write", type=Path, help="replace the quality-<modality> section of this markdown file")

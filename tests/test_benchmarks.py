@@ -487,10 +487,50 @@ def test_quality_cell_extra__reaches_only_its_cell_and_bad_groups_are_named(tmp_
     assert quality.main() == 0
     assert commands[("dmssl", "mmd")][-2:] == ["trainer.lr=0.01", "objective.lambda_dm=3"]
     assert commands[("sscl", None)][-1] == "trainer.lr=0.01" and "objective.lambda_dm=3" not in commands[("sscl", None)]
-    for bad, says in ((["--cell-extra", "fixmatch", "trainer.lr=1"], "not a cell of this grid; its cells: sscl, dmssl:mmd"),
+    monkeypatch.setattr("sys.argv", base[:4] + ["dmssl:coral"] + base[4:] + ["--cell-extra", "dmssl:*", "objective.lambda_dm=1"])
+    assert quality.main() == 0
+    assert commands[("dmssl", "mmd")][-1] == commands[("dmssl", "coral")][-1] == "objective.lambda_dm=1"
+    assert commands[("sscl", None)][-1] == "trainer.lr=0.01"
+    commands.clear()
+    monkeypatch.setattr("sys.argv", base[:4] + base[5:] + ["--cell-extra", "dmssl:*", "objective.lambda_dm=1"])
+    assert quality.main() == 0  # a grid without dmssl cells: the wildcard names none
+    assert list(commands) == [("sscl", None)] and commands[("sscl", None)][-1] == "trainer.lr=0.01"
+    for bad, says in ((["--cell-extra", "dmsl:*", "trainer.lr=1"], "unknown objective 'dmsl'; allowed:"),
+                      (["--cell-extra", "fixmatch", "trainer.lr=1"], "not a cell of this grid; its cells: sscl, dmssl:mmd"),
                       (["--cell-extra", "dmssl:l2", "trainer.lr=1"], "unknown cell 'dmssl:l2'"),
                       (["--cell-extra", "sscl", "lambda"], "expected KEY=VALUE overrides after the cell, got ['lambda']")):
         monkeypatch.setattr("sys.argv", base + bad)
         with pytest.raises(SystemExit) as exit_info:
             quality.main()
         assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_digits_shift_script_passes_cell_extras_to_every_grid_unglobbed(tmp_path):
+    """benchmarks/digits_shift.sh with a stand-in `python` that records the quality grid's arguments."""
+    import os
+    import stat
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "dmssl:mmd").write_text("")  # a file a glob of 'dmssl:*' would match
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", DIRECTIONS="usps-mnist", PROTOCOLS="a",
+               CELL_EXTRA="dmssl:* objective.lambda_dm=1")
+    script = ROOT / "benchmarks" / "digits_shift.sh"
+    subprocess.run(["bash", str(script), "DATA", str(tmp_path / "runs"), "0 1", "sscl dmssl:mmd", "trainer.lr=0.1"],
+                   cwd=tmp_path, env=env, check=True, capture_output=True)
+    args = (tmp_path / "runs" / "usps-mnist-a" / "quality.log").read_text().split("\n")
+    assert args[args.index("--seeds") + 1: args.index("--seeds") + 3] == ["0", "1"]
+    extra = args[args.index("--extra") + 1: args.index("--cell-extra")]
+    assert extra == ["data.labeled_groups=[usps]", "data.target_groups=[mnist]", "data.labels_per_class=null",
+                     "trainer.lr=0.1"]
+    assert args[args.index("--cell-extra") + 1: args.index("--cell-extra") + 3] == ["dmssl:*", "objective.lambda_dm=1"]
+    env.pop("CELL_EXTRA")
+    subprocess.run(["bash", str(script), "DATA", str(tmp_path / "runs"), "0", "sscl"], cwd=tmp_path, env=env,
+                   check=True, capture_output=True)
+    assert "--cell-extra" not in (tmp_path / "runs" / "usps-mnist-a" / "quality.log").read_text()
