@@ -20,7 +20,9 @@ table to stdout and, with --write, into the `quality-<modality>` section of a ma
 
 `--jobs N` runs N cells at a time, each with its share of the CPU's threads (OMP_NUM_THREADS = cores / N,
 unless set): for runs on cached frozen features, whose steps are too small to use every core, that finishes a
-grid sooner. Results do not depend on it (each run is seeded; the summaries record their thread count).
+grid sooner. Each run is seeded, but its floating-point sums follow the thread count, and a long run from random
+weights can end points apart on another count: compare rows run at one thread count (the summaries record it,
+and the table's first line names it).
 """
 
 from __future__ import annotations
