@@ -3,6 +3,8 @@
     python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --json gpu.json [--minutes 8] \
         [--pretrained PATH/tf_efficientnet_lite0 --fine-tune-minutes 4]
     python benchmarks/gpu_check.py --tiny            # smoke run on a CPU (CI): small sizes, about a minute
+    python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --pretrained PATH --only-fine-tune --minutes 8 \
+        --json fine-tune.json      # part 4 alone, with the whole budget
     python benchmarks/gpu_check.py --render gpu.json --write docs/results/gpu.md   # put a run's figures on a page
 
 1. speed: one fixmatch and one dmssl training step at the CIFAR-10 recipe's batch (64 labeled + 7 x 64
@@ -17,6 +19,9 @@
    of CIFAR-10 with its GPU settings (`FINE_TUNE`: the whole encoder trains, no cache, bf16), for as many steps
    as fit --fine-tune-minutes; its test accuracy, steps per second and share of the GPU's bf16 peak, from the
    encoder's training FLOPs per image as PyTorch's FlopCounterMode counts them at the model's input size.
+   The number of steps is planned from a timed step before the run, so that the cosine schedule ends where the
+   budget does (a run cut by trainer.max_minutes would stop with its learning rate still high); test accuracy is
+   also read at each quarter of the run, a learning curve of one seed.
 
 Everything is written to --json as it is measured, so a run cut short still leaves its figures.
 """
@@ -171,16 +176,45 @@ def fine_tune_overrides(tiny: bool, cifar: str | None, pretrained: str, workers:
             f"data.num_workers={workers}", "data.eval_batch_size=1024", IMAGE]
 
 
+def timed_step_seconds(base: list[str], repeats: int) -> float:
+    """Median seconds of one training step of the run `base` (its objective, batch and precision) on random
+    CIFAR-sized images: what the number of steps that fit a budget is planned from."""
+    cfg = resolve(base)
+    adapter = build_adapter(cfg)
+    views = objective_from_config(cfg, 10).unlabeled_views
+    b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
+    generator = torch.Generator().manual_seed(0)
+    item = {"inputs": torch.randint(0, 256, (b + len(views) * u, getattr(adapter, "in_channels", 3), 32, 32),
+                                    dtype=torch.uint8, generator=generator),
+            "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
+            "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
+    bf16 = cfg.trainer.mixed_precision == "bf16"
+    fns, _ = variant_steps(cfg, adapter, 10, item, {"run": (bf16, cfg.trainer.channels_last, False)})
+    return interleaved_medians(fns, repeats, warmup=2)["run"]
+
+
+# Start-up, decoding CIFAR-10 (about 30 s), the shift report's pass over the pool and four evaluations of the
+# test set: the part of a fine-tune's budget that trains no step.
+FINE_TUNE_OVERHEAD_S = 100.0
+
+
+def planned_steps(seconds: float, step_s: float) -> int:
+    """Steps that fit `seconds` after the run's overhead, with a quarter to spare for the loader and logging."""
+    return max(20, int((seconds - FINE_TUNE_OVERHEAD_S) / (1.25 * step_s)))
+
+
 def fine_tune(base: list[str], steps: int, seconds: float, flops_per_image: float) -> dict[str, Any]:
-    """The run `base` with every encoder weight trained, for `steps` or as many as fit `seconds`."""
+    """The run `base` with every encoder weight trained, for `steps` (its cosine schedule's length) or as many
+    as fit `seconds`; test accuracy at each quarter of the run as its curve."""
     cfg = resolve(base)
     views = objective_from_config(cfg, 10).unlabeled_views
     images_per_step = cfg.data.batch_size * (1 + len(views) * cfg.data.mu)
     pretrained = cfg.modality.options.pretrained
+    every = max(1, steps // 4)
     with tempfile.TemporaryDirectory() as folder:
         run_dir = Path(folder) / "fine-tune"
         command = [sys.executable, str(ROOT / "train.py"), *base, f"trainer.max_steps={steps}",
-                   f"trainer.max_minutes={max(0.2, (seconds - 60) / 60):.2f}", f"trainer.eval_every={steps}",
+                   f"trainer.max_minutes={max(0.2, (seconds - 60) / 60):.2f}", f"trainer.eval_every={every}",
                    f"trainer.checkpoint_every={steps}", "trainer.save_embeddings=false", "trainer.progress_bar=false",
                    f"output_dir={run_dir}"]
         try:
@@ -191,10 +225,13 @@ def fine_tune(base: list[str], steps: int, seconds: float, flops_per_image: floa
             print(f"fine-tune failed:\n{done.stderr[-3000:]}", flush=True)
             return {"error": done.stderr.strip().splitlines()[-1:]}
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        curve = [{"step": m["step"], "test_accuracy": m["test_accuracy"], "mask_rate": m.get("mask_rate")}
+                 for m in map(json.loads, (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())]
     step_s = summary["train_seconds"] / max(1, summary["steps"])
     row = {k: summary[k] for k in ("objective", "test_accuracy", "steps", "train_seconds", "data_wait_share",
                                    "mixed_precision", "num_labeled", "num_test", "stop_reason")}
-    row |= {"pretrained": pretrained, "images_per_step": images_per_step, "step_s": step_s,
+    row |= {"pretrained": pretrained, "images_per_step": images_per_step, "step_s": step_s, "planned_steps": steps,
+            "curve": curve,
             "images_per_s": images_per_step / step_s, "train_flops_per_image": flops_per_image}
     peak = bf16_peak_tflops(torch.cuda.get_device_name()) if DEVICE.type == "cuda" else None
     if peak:
@@ -258,9 +295,35 @@ def render(report: dict[str, Any]) -> str:
                       f"{r['test_accuracy']:.4f} | {1000 * r['step_s']:.0f} | {r['images_per_s']:,.0f} | "
                       f"{r['train_flops_per_image'] / 1e9:.2f} | {fraction} | {100 * r['data_wait_share']:.1f} % | "
                       f"{r['mixed_precision']} |"]
+            if r.get("curve"):
+                lines += ["", "Test accuracy along the run (EMA model; pseudo-label mask rate of the steps before): "
+                          + ", ".join(f"step {c['step']}: {c['test_accuracy']:.4f}"
+                                      + (f" ({c['mask_rate']:.2f})" if c.get("mask_rate") is not None else "")
+                                      for c in r["curve"]) + "."]
     for note in report.get("notes", []):
         lines += ["", note]
     return "\n".join(lines) + "\n"
+
+
+def parts_1_to_3(report: dict[str, Any], args: argparse.Namespace, budget: float, started: float, workers: int,
+                 save: Any) -> None:
+    """Step speed, the distances' cost, and the from-scratch quality check, within `budget` seconds of `started`."""
+    # Compiling on a CPU costs minutes of a smoke run's budget and needs a C++ compiler: GPU runs only.
+    compile_ok = DEVICE.type == "cuda"
+    if not compile_ok:
+        report["notes"].append("torch.compile was not measured: it is timed on a GPU only in this script.")
+    report["speed"] = step_speed(args.tiny, compile_ok, repeats=3 if args.tiny else 20)
+    save()
+    dmssl_bf16 = next(r for r in report["speed"] if r["objective"] == "dmssl" and r["variant"] == "bf16+cl")
+    sizes = [64, 128] if args.tiny else [1024, 2048, 4096, 8192, 16384]
+    report["distances"] = distance_costs(sizes, [128], 3 if args.tiny else 5, dmssl_bf16["step_s"])
+    for row in report["distances"]:
+        print(f"distance {row['distance']} n={row['n']}: {1000 * row['seconds']:.1f} ms, "
+              f"{row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
+    save()
+    seconds_left = budget - (time.monotonic() - started)
+    report["quality"] = quality(args.tiny, args.cifar, seconds_left, dmssl_bf16["step_s"], workers)
+    save()
 
 
 def main() -> int:
@@ -272,18 +335,24 @@ def main() -> int:
                         "CIFAR-10 recipe (part 4)")
     parser.add_argument("--fine-tune-minutes", type=float, default=4.0,
                         help="part 4's share of --minutes (default 4; the other parts share the rest)")
+    parser.add_argument("--only-fine-tune", action="store_true",
+                        help="with --pretrained: run part 4 alone, with all of --minutes (parts 1-3 measured before)")
     parser.add_argument("--json", type=Path, help="write the figures here (rewritten after each part)")
     parser.add_argument("--render", type=Path, help="only render this JSON report as markdown")
-    parser.add_argument("--write", type=Path, help="replace the gpu-check section of this markdown file")
+    parser.add_argument("--write", type=Path, help="replace a section of this markdown file")
+    parser.add_argument("--section", default="gpu-check",
+                        help="the markers of that section (default gpu-check: <!-- gpu-check:start --> ...)")
     args = parser.parse_args()
     if args.render:
         text = render(json.loads(args.render.read_text(encoding="utf-8")))
         print(text)
         if args.write:
-            write_section(args.write, "gpu-check", text)
+            write_section(args.write, args.section, text)
         return 0
     if not args.tiny and not args.cifar:
         parser.error("--cifar PATH is needed for the quality check (or pass --tiny)")
+    if args.only_fine_tune and not args.pretrained:
+        parser.error("--only-fine-tune needs --pretrained PATH (the model to fine-tune)")
     workers = max(1, min(12, (os.cpu_count() or 2) - 2))
     if args.pretrained:  # a model that cannot be loaded stops the check here, before any part runs
         tuned = fine_tune_overrides(args.tiny, args.cifar, args.pretrained, workers)
@@ -305,27 +374,16 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
-    # Compiling on a CPU costs minutes of a smoke run's budget and needs a C++ compiler: GPU runs only.
-    compile_ok = on_cuda
-    if not compile_ok:
-        report["notes"].append("torch.compile was not measured: it is timed on a GPU only in this script.")
-    report["speed"] = step_speed(args.tiny, compile_ok, repeats=3 if args.tiny else 20)
-    save()
-    dmssl_bf16 = next(r for r in report["speed"] if r["objective"] == "dmssl" and r["variant"] == "bf16+cl")
-    sizes = [64, 128] if args.tiny else [1024, 2048, 4096, 8192, 16384]
-    report["distances"] = distance_costs(sizes, [128], 3 if args.tiny else 5, dmssl_bf16["step_s"])
-    for row in report["distances"]:
-        print(f"distance {row['distance']} n={row['n']}: {1000 * row['seconds']:.1f} ms, "
-              f"{row['peak_bytes'] / 2**20:.0f} MiB", flush=True)
-    save()
-    fine_tune_s = 60 * args.fine_tune_minutes if args.pretrained else 0.0
-    seconds_left = budget - (time.monotonic() - started) - fine_tune_s
-    report["quality"] = quality(args.tiny, args.cifar, seconds_left, dmssl_bf16["step_s"], workers)
-    save()
+    if not args.only_fine_tune:
+        parts_1_to_3(report, args, budget - (60 * args.fine_tune_minutes if args.pretrained else 0.0),
+                     started, workers, save)
     if args.pretrained:
-        # 20,000 steps is more than any budget here allows: trainer.max_minutes stops the run first.
-        report["fine_tune"] = fine_tune(tuned, 10 if args.tiny else 20000, budget - (time.monotonic() - started),
-                                        tuned_flops)
+        step_s = timed_step_seconds(tuned, repeats=2 if args.tiny else 5)
+        seconds = budget - (time.monotonic() - started)
+        steps = 10 if args.tiny else planned_steps(seconds, step_s)
+        print(f"fine-tune: a step takes {1000 * step_s:.0f} ms (timed); {steps} steps planned for {seconds:.0f} s",
+              flush=True)
+        report["fine_tune"] = fine_tune(tuned, steps, seconds, tuned_flops) | {"timed_step_s": step_s}
         save()
     print(render(report))
     return 0

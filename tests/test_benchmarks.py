@@ -137,6 +137,58 @@ def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
     assert render(report) in page.read_text()
 
 
+@pytest.mark.slow
+def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarter(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from benchmarks.gpu_check import render
+    from tests.conftest import ROOT
+
+    tiny_timm = tmp_path / "tiny-timm"
+    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
+    out = tmp_path / "fine-tune.json"
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
+                           "--only-fine-tune", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert "speed" not in report and "quality" not in report
+    tuned = report["fine_tune"]
+    assert tuned["planned_steps"] == tuned["steps"] == 10 and tuned["timed_step_s"] > 0
+    assert [c["step"] for c in tuned["curve"]] == [2, 4, 6, 8, 10]  # every quarter (10 // 4 = 2 steps)
+    assert tuned["curve"][-1]["test_accuracy"] == tuned["test_accuracy"]
+    assert "Test accuracy along the run" in render(report) and "**Step speed**" not in render(report)
+    page = tmp_path / "page.md"
+    page.write_text("<!-- gpu-fine-tune:start -->\n<!-- gpu-fine-tune:end -->\n")
+    subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--render", str(out), "--write", str(page),
+                    "--section", "gpu-fine-tune"], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    assert render(report) in page.read_text()
+
+
+def test_gpu_check_only_fine_tune_without_a_model_is_refused():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--only-fine-tune"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--only-fine-tune needs --pretrained" in done.stderr
+
+
+def test_gpu_check_planned_steps__fill_the_budget_after_the_overhead():
+    from benchmarks.gpu_check import FINE_TUNE_OVERHEAD_S, planned_steps
+
+    assert planned_steps(FINE_TUNE_OVERHEAD_S + 125.0, 0.1) == 1000  # 125 s of steps at 1.25 x 0.1 s
+    assert planned_steps(FINE_TUNE_OVERHEAD_S + 250.0, 0.1) == 2000
+    assert planned_steps(10.0, 0.1) == 20  # a budget smaller than the overhead still trains a few steps
+
+
 def test_gpu_check__a_pretrained_model_that_cannot_load_stops_it_before_any_part(tmp_path):
     import subprocess
     import sys
