@@ -302,7 +302,10 @@ def render(report: dict[str, Any]) -> str:
                                       for c in r["curve"]) + "."]
     for note in report.get("notes", []):
         lines += ["", note]
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    while "\n\n\n" in text:  # a report without the first parts leaves two blank lines after its header
+        text = text.replace("\n\n\n", "\n\n")
+    return text
 
 
 def parts_1_to_3(report: dict[str, Any], args: argparse.Namespace, budget: float, started: float, workers: int,
