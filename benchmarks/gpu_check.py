@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,7 @@ def render(report: dict[str, Any]) -> str:
 
 
 def parts_1_to_3(report: dict[str, Any], args: argparse.Namespace, budget: float, started: float, workers: int,
-                 save: Any) -> None:
+                 save: Callable[[], None]) -> None:
     """Step speed, the distances' cost, and the from-scratch quality check, within `budget` seconds of `started`."""
     # Compiling on a CPU costs minutes of a smoke run's budget and needs a C++ compiler: GPU runs only.
     compile_ok = DEVICE.type == "cuda"
