@@ -68,6 +68,17 @@ FINE_TUNE = ["model.freeze=none", "model.cached_views=0", "modality.pretrained_s
              "trainer.mixed_precision=bf16"]
 
 
+def random_image_step(cfg: Any, num_views: int, channels: int, size: int) -> dict[str, Any]:
+    """One step's batch of the run `cfg` as random uint8 images: the labeled batch, then `num_views` views of
+    the unlabeled one (seeded, so that every timing sees the same pixels)."""
+    b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
+    generator = torch.Generator().manual_seed(0)
+    return {"inputs": torch.randint(0, 256, (b + num_views * u, channels, size, size), dtype=torch.uint8,
+                                    generator=generator),
+            "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
+            "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
+
+
 def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any]]:
     """fixmatch and dmssl steps on random uint8 images of the recipe's batch, per precision variant."""
     base = (["recipe=quickstart", "data.batch_size=4", "data.mu=2"] if tiny
@@ -81,12 +92,7 @@ def step_speed(tiny: bool, compile_ok: bool, repeats: int) -> list[dict[str, Any
         cfg = resolve(base + [IMAGE, f"objective.name={objective_name}"])
         adapter = build_adapter(cfg)
         views = objective_from_config(cfg, 10).unlabeled_views
-        b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
-        size = 8 if tiny else 32
-        generator = torch.Generator().manual_seed(0)
-        item = {"inputs": torch.randint(0, 256, (b + len(views) * u, 3, size, size), dtype=torch.uint8, generator=generator),
-                "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
-                "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
+        item = random_image_step(cfg, len(views), channels=3, size=8 if tiny else 32)
         images = item["inputs"].shape[0]
         fns, compile_s = variant_steps(cfg, adapter, 10, item, variants)
         medians = interleaved_medians(fns, repeats, warmup=2)
@@ -183,12 +189,7 @@ def timed_step_seconds(base: list[str], repeats: int) -> float:
     cfg = resolve(base)
     adapter = build_adapter(cfg)
     views = objective_from_config(cfg, 10).unlabeled_views
-    b, u = cfg.data.batch_size, cfg.data.batch_size * cfg.data.mu
-    generator = torch.Generator().manual_seed(0)
-    item = {"inputs": torch.randint(0, 256, (b + len(views) * u, getattr(adapter, "in_channels", 3), 32, 32),
-                                    dtype=torch.uint8, generator=generator),
-            "labels": torch.randint(0, 10, (b,), generator=generator), "num_unlabeled": u,
-            "unlabeled_targets": torch.randint(0, 10, (u,), generator=generator)}
+    item = random_image_step(cfg, len(views), channels=getattr(adapter, "in_channels", 3), size=32)
     bf16 = cfg.trainer.mixed_precision == "bf16"
     fns, _ = variant_steps(cfg, adapter, 10, item, {"run": (bf16, cfg.trainer.channels_last, False)})
     return interleaved_medians(fns, repeats, warmup=2)["run"]
@@ -244,9 +245,9 @@ def fine_tune(base: list[str], steps: int, seconds: float, flops_per_image: floa
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"Measured {report['date']} on **{report['device']}** ({report['torch']}, {report['cpu_count']} CPU cores; "
-             f"`{report['command']}`), {report['wall_seconds']:.0f} s all told.", ""]
+             f"`{report['command']}`), {report['wall_seconds']:.0f} s all told."]
     if report.get("speed"):
-        lines += ["**Step speed** (random 32x32 images, the recipe's batch; median of repeats after warm-up):", "",
+        lines += ["", "**Step speed** (random 32x32 images, the recipe's batch; median of repeats after warm-up):", "",
                   "| objective | variant | images | step (ms) | images/s | vs fp32 | % of bf16 peak | peak memory |",
                   "|---|---|---|---|---|---|---|---|"]
         for r in report["speed"]:
@@ -303,10 +304,7 @@ def render(report: dict[str, Any]) -> str:
                                       for c in r["curve"]) + "."]
     for note in report.get("notes", []):
         lines += ["", note]
-    text = "\n".join(lines) + "\n"
-    while "\n\n\n" in text:  # a report without the first parts leaves two blank lines after its header
-        text = text.replace("\n\n\n", "\n\n")
-    return text
+    return "\n".join(lines) + "\n"
 
 
 def parts_1_to_3(report: dict[str, Any], args: argparse.Namespace, budget: float, started: float, workers: int,
