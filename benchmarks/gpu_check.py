@@ -5,6 +5,9 @@
     python benchmarks/gpu_check.py --tiny            # smoke run on a CPU (CI): small sizes, about a minute
     python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --pretrained PATH --only-fine-tune --minutes 8 \
         --json fine-tune.json      # part 4 alone, with the whole budget
+    python benchmarks/gpu_check.py --cifar PATH/cifar10-jpg.tar.gz --pretrained PATH --only-fine-tune --minutes 8 \
+        --steps 1238 --set seed=1 objective.name=fixmatch --json fine-tune.json   # another seed or objective,
+                                                                                   # at a fixed step budget
     python benchmarks/gpu_check.py --render gpu.json --write docs/results/gpu.md   # put a run's figures on a page
 
 1. speed: one fixmatch and one dmssl training step at the CIFAR-10 recipe's batch (64 labeled + 7 x 64
@@ -230,7 +233,7 @@ def fine_tune(base: list[str], steps: int, seconds: float, flops_per_image: floa
         curve = [{"step": m["step"], "test_accuracy": m["test_accuracy"], "mask_rate": m.get("mask_rate")}
                  for m in map(json.loads, (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines())]
     step_s = summary["train_seconds"] / max(1, summary["steps"])
-    row = {k: summary[k] for k in ("objective", "test_accuracy", "steps", "train_seconds", "data_wait_share",
+    row = {k: summary[k] for k in ("objective", "seed", "test_accuracy", "steps", "train_seconds", "data_wait_share",
                                    "mixed_precision", "num_labeled", "num_test", "stop_reason")}
     row |= {"pretrained": pretrained, "images_per_step": images_per_step, "step_s": step_s, "planned_steps": steps,
             "curve": curve,
@@ -290,10 +293,12 @@ def render(report: dict[str, Any]) -> str:
             lines.append(f"failed: {r['error']}")
         else:
             fraction = f"{100 * r['bf16_peak_fraction']:.1f} %" if r.get("bf16_peak_fraction") is not None else "-"
-            lines += ["| encoder | objective | labels | steps | test accuracy | step (ms) | images/s | "
+            # Reports from before the seed was recorded could not set one: they ran at the config's default, 0.
+            lines += ["| encoder | objective | seed | labels | steps | test accuracy | step (ms) | images/s | "
                       "train GFLOPs per image | % of bf16 peak | data wait | precision |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|",
-                      f"| {Path(r['pretrained']).name} | {r['objective']} | {r['num_labeled']} | {r['steps']} | "
+                      "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                      f"| {Path(r['pretrained']).name} | {r['objective']} | {r.get('seed', 0)} | {r['num_labeled']} | "
+                      f"{r['steps']} | "
                       f"{r['test_accuracy']:.4f} | {1000 * r['step_s']:.0f} | {r['images_per_s']:,.0f} | "
                       f"{r['train_flops_per_image'] / 1e9:.2f} | {fraction} | {100 * r['data_wait_share']:.1f} % | "
                       f"{r['mixed_precision']} |"]
@@ -339,6 +344,10 @@ def main() -> int:
                         help="part 4's share of --minutes (default 4; the other parts share the rest)")
     parser.add_argument("--only-fine-tune", action="store_true",
                         help="with --pretrained: run part 4 alone, with all of --minutes (parts 1-3 measured before)")
+    parser.add_argument("--steps", type=int, help="part 4: train this many steps instead of the number planned "
+                        "from a timed step (the same budget for every seed and objective compared)")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="part 4: overrides of the fine-tune run, e.g. seed=1 objective.name=fixmatch")
     parser.add_argument("--json", type=Path, help="write the figures here (rewritten after each part)")
     parser.add_argument("--render", type=Path, help="only render this JSON report as markdown")
     parser.add_argument("--write", type=Path, help="replace a section of this markdown file")
@@ -353,11 +362,13 @@ def main() -> int:
         return 0
     if not args.tiny and not args.cifar:
         parser.error("--cifar PATH is needed for the quality check (or pass --tiny)")
-    if args.only_fine_tune and not args.pretrained:
-        parser.error("--only-fine-tune needs --pretrained PATH (the model to fine-tune)")
+    if (args.only_fine_tune or args.steps or args.set) and not args.pretrained:
+        parser.error("--only-fine-tune, --steps and --set need --pretrained PATH (the model to fine-tune)")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be a positive number of steps, not {args.steps}")
     workers = max(1, min(12, (os.cpu_count() or 2) - 2))
     if args.pretrained:  # a model that cannot be loaded stops the check here, before any part runs
-        tuned = fine_tune_overrides(args.tiny, args.cifar, args.pretrained, workers)
+        tuned = fine_tune_overrides(args.tiny, args.cifar, args.pretrained, workers) + args.set
         try:
             tuned_flops = train_step_flops_per_image(tuned)
         except ConfigError as err:
@@ -382,9 +393,9 @@ def main() -> int:
     if args.pretrained:
         step_s = timed_step_seconds(tuned, repeats=2 if args.tiny else 5)
         seconds = budget - (time.monotonic() - started)
-        steps = 10 if args.tiny else planned_steps(seconds, step_s)
-        print(f"fine-tune: a step takes {1000 * step_s:.0f} ms (timed); {steps} steps planned for {seconds:.0f} s",
-              flush=True)
+        steps = args.steps or (10 if args.tiny else planned_steps(seconds, step_s))
+        print(f"fine-tune: a step takes {1000 * step_s:.0f} ms (timed); {steps} steps "
+              f"{'set' if args.steps else 'planned'} for {seconds:.0f} s", flush=True)
         report["fine_tune"] = fine_tune(tuned, steps, seconds, tuned_flops) | {"timed_step_s": step_s}
         save()
     print(render(report))

@@ -138,7 +138,8 @@ def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
 
 
 @pytest.mark.slow
-def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarter(tmp_path):
+def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarter_for_the_steps_and_seed_set(
+        tmp_path):
     import json
     import subprocess
     import sys
@@ -153,14 +154,15 @@ def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarte
     save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
     out = tmp_path / "fine-tune.json"
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
-                           "--only-fine-tune", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+                           "--only-fine-tune", "--steps", "8", "--set", "seed=3", "--json", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "speed" not in report and "quality" not in report
     tuned = report["fine_tune"]
-    assert tuned["planned_steps"] == tuned["steps"] == 10 and tuned["timed_step_s"] > 0
-    assert [c["step"] for c in tuned["curve"]] == [2, 4, 6, 8, 10]  # every quarter (10 // 4 = 2 steps)
+    assert tuned["planned_steps"] == tuned["steps"] == 8 and tuned["timed_step_s"] > 0
+    assert tuned["seed"] == 3
+    assert [c["step"] for c in tuned["curve"]] == [2, 4, 6, 8]  # every quarter (8 // 4 = 2 steps)
     assert tuned["curve"][-1]["test_accuracy"] == tuned["test_accuracy"]
     assert "Test accuracy along the run" in render(report) and "**Step speed**" not in render(report)
     page = tmp_path / "page.md"
@@ -170,15 +172,36 @@ def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarte
     assert render(report) in page.read_text()
 
 
-def test_gpu_check_only_fine_tune_without_a_model_is_refused():
+@pytest.mark.parametrize("option", [["--only-fine-tune"], ["--steps", "100"], ["--set", "seed=1"]])
+def test_gpu_check_fine_tune_options_without_a_model_are_refused(option):
     import subprocess
     import sys
 
     from tests.conftest import ROOT
 
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--only-fine-tune"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", *option], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "--only-fine-tune needs --pretrained" in done.stderr
+    assert done.returncode == 2 and "need --pretrained PATH" in done.stderr
+
+
+@pytest.mark.parametrize("options, named", [(["--steps", "0"], "--steps must be a positive"),
+                                            (["--set", "objective.nme=fixmatch"], "objective.nme")])
+def test_gpu_check__a_bad_step_count_or_override_stops_it_with_one_line(tmp_path, options, named):
+    import subprocess
+    import sys
+
+    import timm
+    from timm.models._hub import save_for_hf
+
+    from tests.conftest import ROOT
+
+    tiny_timm = tmp_path / "tiny-timm"
+    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
+                           "--only-fine-tune", *options, "--json", str(tmp_path / "gpu.json")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and named in done.stderr
+    assert not (tmp_path / "gpu.json").exists()
 
 
 def test_gpu_check_planned_steps__fill_the_budget_after_the_overhead():
