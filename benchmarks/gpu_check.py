@@ -298,8 +298,7 @@ def render(report: dict[str, Any]) -> str:
                       "train GFLOPs per image | % of bf16 peak | data wait | precision |",
                       "|---|---|---|---|---|---|---|---|---|---|---|---|",
                       f"| {Path(r['pretrained']).name} | {r['objective']} | {r.get('seed', 0)} | {r['num_labeled']} | "
-                      f"{r['steps']} | "
-                      f"{r['test_accuracy']:.4f} | {1000 * r['step_s']:.0f} | {r['images_per_s']:,.0f} | "
+                      f"{r['steps']} | {r['test_accuracy']:.4f} | {1000 * r['step_s']:.0f} | {r['images_per_s']:,.0f} | "
                       f"{r['train_flops_per_image'] / 1e9:.2f} | {fraction} | {100 * r['data_wait_share']:.1f} % | "
                       f"{r['mixed_precision']} |"]
             if r.get("curve"):

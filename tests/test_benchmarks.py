@@ -103,20 +103,15 @@ def test_describe_runs_machine__reads_the_runs_not_the_rendering_process():
 
 
 @pytest.mark.slow
-def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
+def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path, tiny_timm):
     """The GPU evidence script's CPU smoke run, as CI runs it: every part measured, JSON and markdown agree."""
     import json
     import subprocess
     import sys
 
-    import timm
-    from timm.models._hub import save_for_hf
-
     from benchmarks.gpu_check import render
     from tests.conftest import ROOT
 
-    tiny_timm = tmp_path / "tiny-timm"  # a random model of the EfficientNet family, in timm's folder layout
-    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
     out = tmp_path / "gpu.json"
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
                            "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -139,19 +134,14 @@ def test_gpu_check_tiny__runs_every_part_and_renders(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_only_fine_tune__runs_part_4_alone_with_a_curve_at_each_quarter_for_the_steps_and_seed_set(
-        tmp_path):
+        tmp_path, tiny_timm):
     import json
     import subprocess
     import sys
 
-    import timm
-    from timm.models._hub import save_for_hf
-
     from benchmarks.gpu_check import render
     from tests.conftest import ROOT
 
-    tiny_timm = tmp_path / "tiny-timm"
-    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
     out = tmp_path / "fine-tune.json"
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
                            "--only-fine-tune", "--steps", "8", "--set", "seed=3", "--json", str(out)], cwd=ROOT,
@@ -186,17 +176,12 @@ def test_gpu_check_fine_tune_options_without_a_model_are_refused(option):
 
 @pytest.mark.parametrize("options, named", [(["--steps", "0"], "--steps must be a positive"),
                                             (["--set", "objective.nme=fixmatch"], "objective.nme")])
-def test_gpu_check__a_bad_step_count_or_override_stops_it_with_one_line(tmp_path, options, named):
+def test_gpu_check__a_bad_step_count_or_override_stops_it_with_one_line(tmp_path, tiny_timm, options, named):
     import subprocess
     import sys
 
-    import timm
-    from timm.models._hub import save_for_hf
-
     from tests.conftest import ROOT
 
-    tiny_timm = tmp_path / "tiny-timm"
-    save_for_hf(timm.create_model("test_efficientnet", pretrained=False), str(tiny_timm), safe_serialization=True)
     done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--tiny", "--pretrained", str(tiny_timm),
                            "--only-fine-tune", *options, "--json", str(tmp_path / "gpu.json")], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
